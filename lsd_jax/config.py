@@ -1,0 +1,331 @@
+"""Typed configuration tree, config files and `key.path=value` overrides.
+
+A config file is a Python file under `configs/` with a `get_config() -> Config` function; its
+docstring holds the command that uses it and the figures it is expected to reach. Every field of the
+tree can be overridden from the command line as `section.field=value`; the value is parsed with the
+field's declared type, and an unknown key or a badly typed value raises `ConfigError` naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value, key or file that cannot be used; the message names it and what was expected."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value!r}, expected a value {bound}")
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The causal spatio-temporal DiT (DESIGN.md section 2).
+
+    A frame in model space is `[frame_height, frame_width, channels]` (NHWC); the live input frame,
+    in the same space, is concatenated channel-wise (`cond_channels`, 0 turns it off).
+    """
+
+    frame_height: int = 64
+    frame_width: int = 64
+    channels: int = 3
+    cond_channels: int = 3
+    patch_size: int = 8
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    window: int = 8
+    # Per-frame conditioning vector: noise level (always), step size, prompt, external vector.
+    freq_embed_dim: int = 256
+    use_step_size: bool = True
+    prompt_dim: int = 0
+    external_cond_dim: int = 0
+    # Conventions (the Oasis ones are the defaults; see OASIS.md).
+    rope_interleaved: bool = True
+    gelu_approximate: bool = True
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    # Implementation choices that do not change the function computed.
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("frame_height", "frame_width", "channels", "patch_size", "hidden_size",
+                     "depth", "num_heads", "freq_embed_dim"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        for name in ("cond_channels", "prompt_dim", "external_cond_dim"):
+            _check_positive(f"model.{name}", getattr(self, name), allow_zero=True)
+        _check_positive("model.mlp_ratio", self.mlp_ratio)
+        for name, size in (("frame_height", self.frame_height), ("frame_width", self.frame_width)):
+            if size % self.patch_size:
+                raise ConfigError(
+                    f"model.{name}={size} is not divisible by model.patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_heads={self.num_heads}")
+        if self.head_dim % 4:
+            raise ConfigError(f"head dim {self.head_dim} (model.hidden_size / model.num_heads) must "
+                              "be divisible by 4 for the 2-D axial rotary embedding")
+        if self.freq_embed_dim % 2:
+            raise ConfigError(f"model.freq_embed_dim={self.freq_embed_dim} must be even")
+        if self.window < 2:
+            raise ConfigError(f"model.window={self.window}, expected >= 2 frames (the current "
+                              "frame and at least one history frame)")
+        _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.frame_height // self.patch_size, self.frame_width // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.frame_height, self.frame_width, self.channels
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryAugConfig:
+    """Corruptions applied to history frames during training (DESIGN.md section 3).
+
+    Each kind is a switch; `prob` is the chance that a history frame is corrupted at all, and a
+    corrupted frame gets one kind drawn uniformly among the enabled ones with a random strength
+    up to the kind's maximum.
+    """
+
+    enabled: bool = True
+    prob: float = 0.5
+    blur: bool = True
+    blur_max_sigma: float = 1.5
+    color: bool = True
+    color_max_shift: float = 0.15
+    jpeg: bool = True
+    jpeg_max_step: float = 0.25
+    shift: bool = True
+    shift_max_pixels: int = 2
+    noise: bool = True
+    noise_max_std: float = 0.1
+    self_prediction: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.prob <= 1.0:
+            raise ConfigError(f"diffusion.history_aug.prob={self.prob!r}, expected 0 <= prob <= 1")
+        for name in ("blur_max_sigma", "color_max_shift", "jpeg_max_step", "shift_max_pixels",
+                     "noise_max_std"):
+            _check_positive(f"diffusion.history_aug.{name}", getattr(self, name), allow_zero=True)
+
+
+PROCESSES = ("rectified_flow", "ddpm_v")
+NOISE_SAMPLERS = ("independent", "clip", "history_low")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion process, training objective and sampling (DESIGN.md sections 3 and 4).
+
+    Noise levels are in the process's own units: `t in [0, 1]` for rectified flow (1 = noise), the
+    integer timestep 0..num_timesteps-1 for DDPM.
+    """
+
+    process: str = "rectified_flow"
+    # DDPM v-prediction: sigmoid beta schedule.
+    num_timesteps: int = 1000
+    sigmoid_start: float = -3.0
+    sigmoid_end: float = 3.0
+    sigmoid_tau: float = 1.0
+    # Denoising steps per streamed frame, and the history (context) noise level t_ctx.
+    sample_steps: int = 3
+    ctx_level: float = 0.02
+    context_noise: str = "label"  # "label": clean frame labelled t_ctx; "noised": really noised.
+    # Training objective.
+    noise_sampler: str = "independent"
+    history_low_max: float = 0.1
+    shortcut: bool = True
+    shortcut_fraction: float = 0.25
+    shortcut_max_steps: int = 128
+    shortcut_target: str = "online"  # or "ema"
+    history_aug: HistoryAugConfig = dataclasses.field(default_factory=HistoryAugConfig)
+
+    def __post_init__(self):
+        _check_choice("diffusion.process", self.process, PROCESSES)
+        _check_choice("diffusion.noise_sampler", self.noise_sampler, NOISE_SAMPLERS)
+        _check_choice("diffusion.context_noise", self.context_noise, ("label", "noised"))
+        _check_choice("diffusion.shortcut_target", self.shortcut_target, ("online", "ema"))
+        if not 1 <= self.sample_steps <= 128:
+            raise ConfigError(f"diffusion.sample_steps={self.sample_steps}, expected 1..128")
+        if self.shortcut_max_steps < 1 or self.shortcut_max_steps & (self.shortcut_max_steps - 1):
+            raise ConfigError(f"diffusion.shortcut_max_steps={self.shortcut_max_steps}, expected a "
+                              "power of two")
+        if not 0.0 <= self.shortcut_fraction < 1.0:
+            raise ConfigError(f"diffusion.shortcut_fraction={self.shortcut_fraction}, expected "
+                              "0 <= fraction < 1")
+        if self.ctx_level < 0:
+            raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected >= 0")
+        if self.process == "ddpm_v" and self.ctx_level >= self.num_timesteps:
+            raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected < "
+                              f"diffusion.num_timesteps={self.num_timesteps}")
+        if self.process == "rectified_flow" and self.ctx_level > 1:
+            raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected a rectified-flow "
+                              "level in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A named configuration: model, diffusion, frame codec and prompt encoder."""
+
+    name: str = "unnamed"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    codec: str = "pixel"  # "pixel" ([-1, 1] RGB) or "oasis_vae" (latents, 360x640 frames).
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("codec", self.codec, ("pixel", "oasis_vae"))
+        if self.codec == "pixel" and self.model.channels != 3:
+            raise ConfigError(f"model.channels={self.model.channels}, the pixel codec needs 3 (RGB)")
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _parse_scalar(key: str, text: str, typ: Any) -> Any:
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(text, 0)
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{key} has unsupported type {typ!r}")
+    raise ConfigError(f"{key}={text!r} is not a valid {typ.__name__}")
+
+
+def _parse_value(key: str, text: str, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (tuple,):
+        args = typing.get_args(typ)
+        items = [s for s in text.strip("()[] ").split(",") if s.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_scalar(key, s.strip(), args[0]) for s in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}={text!r}, expected {len(args)} comma-separated values")
+        return tuple(_parse_scalar(key, s.strip(), a) for s, a in zip(items, args))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.strip().lower() == "none":
+            return None
+        return _parse_value(key, text, args[0])
+    return _parse_scalar(key, text, typ)
+
+
+def override(cfg: Any, key: str, text: str) -> Any:
+    """Return `cfg` with the field at dotted `key` set to `text` parsed with the field's type."""
+    head, _, rest = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ConfigError(f"unknown config key {key!r}: {type(cfg).__name__} has no field {head!r} "
+                          f"(fields: {', '.join(fields)})")
+    hints = typing.get_type_hints(type(cfg))
+    current = getattr(cfg, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"unknown config key {key!r}: {head!r} is a value, not a section")
+        new = override(current, rest, text)
+    else:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {key!r} is a section; set one of its fields "
+                              f"({', '.join(f.name for f in dataclasses.fields(current))})")
+        new = _parse_value(key, text, hints[head])
+    return dataclasses.replace(cfg, **{head: new})
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply `key.path=value` strings in order; the key path is reported in full on error."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, text = item.split("=", 1)
+        try:
+            cfg = override(cfg, key.strip(), text)
+        except ConfigError as err:
+            msg = str(err)
+            raise ConfigError(msg if key.strip() in msg else f"{key.strip()}: {msg}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load `get_config()` from a Python config file and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (expected e.g. configs/tiny.py)")
+    spec = importlib.util.spec_from_file_location(f"_lsd_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} has no get_config() function")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected Config")
+    return apply_overrides(cfg, list(overrides))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls: type = Config) -> Any:
+    """Inverse of `to_dict`; unknown keys are an error naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config keys {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(value, typ)
+        elif typing.get_origin(typ) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

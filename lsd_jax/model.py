@@ -1,0 +1,392 @@
+"""Causal spatio-temporal DiT (DESIGN.md section 2), Flax NNX.
+
+Shapes: `b` batch, `t` frames, `h, w, c` a frame in model space (NHWC), `n` tokens per frame,
+`d` hidden size, `l` layers, `s` cached history frames (window - 1), `k` attention heads, `e` head dim.
+
+Two entry points share every layer:
+- `DiT.__call__`: the full clip, temporal attention banded-causal over `window` frames;
+- `DiT.stream_pass`: one new frame per stream, temporal attention over the ring-buffer KV cache
+  plus itself. It also returns the frame's un-rotated temporal K/V for every layer, so the caller
+  can write them into the cache.
+
+Blocks are stacked (parameters carry a leading `layers` axis) and run with `jax.lax.scan` under a
+selectable `jax.checkpoint` policy, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsd_jax import rope
+from lsd_jax.attention import get_attention
+from lsd_jax.config import ModelConfig
+
+# The step-size input is -log2(d) in [0, log2(max_steps)]; scaling it spreads it over the
+# sinusoid's frequencies as the noise-level input (0..1000) is spread.
+STEP_EMBED_SCALE = 100.0
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class RopeFreqs(nnx.Variable):
+    """Fixed rotary frequencies: part of the state (Oasis counts them), never trained."""
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
+            bias: bool = True, zero: bool = False, init=None) -> nnx.Linear:
+    """A Linear whose kernel/bias carry logical axis names (mapped to a mesh by train/)."""
+    kernel_init = nnx.initializers.zeros_init() if zero else (
+        init or nnx.initializers.xavier_uniform())
+    return nnx.Linear(
+        d_in, d_out, use_bias=bias, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        kernel_init=kernel_init, rngs=rngs,
+        kernel_metadata={"sharding_names": axes, "eager_sharding": False},
+        bias_metadata={"sharding_names": axes[1:], "eager_sharding": False},
+    )
+
+
+def timestep_sinusoid(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+    """`cat(cos(t f), sin(t f))` with `f = exp(-ln(max_period) * arange(dim/2) / (dim/2))`."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Scalar per frame -> sinusoid -> Linear, SiLU, Linear: `[...] -> [..., d]`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.freq_dim = cfg.freq_embed_dim
+        init = nnx.initializers.normal(0.02)
+        self.mlp_0 = _linear(cfg, cfg.freq_embed_dim, cfg.hidden_size, ("freq", "embed"),
+                             rngs=rngs, init=init)
+        self.mlp_2 = _linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"),
+                             rngs=rngs, init=init)
+
+    def __call__(self, t):
+        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_sinusoid(t, self.freq_dim))))
+
+
+class Attention(nnx.Module):
+    """`to_qkv` (q, k, v chunks, each head-major) and `to_out`; the mixing is passed in."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.to_qkv = _linear(cfg, d, 3 * d, ("embed", "heads"), rngs=rngs, bias=cfg.qkv_bias)
+        self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs=rngs)
+
+    def qkv(self, x_btnd):
+        qkv = self.to_qkv(x_btnd).reshape(*x_btnd.shape[:-1], 3, self.num_heads, -1)
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+    def out(self, o_btnke):
+        return self.to_out(o_btnke.reshape(*o_btnke.shape[:-2], -1))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        self.approximate = cfg.gelu_approximate
+        self.fc1 = _linear(cfg, cfg.hidden_size, hidden, ("embed", "mlp"), rngs=rngs)
+        self.fc2 = _linear(cfg, hidden, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
+
+
+def _layer_norm(x, eps):
+    """Affine-free LayerNorm in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+# mix(q, k, v) -> attention output, all [b, t, n, heads, head_dim]; k, v are un-rotated.
+Mixer = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+class SubBlock(nnx.Module):
+    """adaLN-Zero DiT sub-block: gated attention then gated MLP, shift/scale/gate per frame."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        self.adaLN_modulation = _linear(cfg, cfg.hidden_size, 6 * cfg.hidden_size,
+                                        ("embed", "mlp"), rngs=rngs, zero=True)
+
+    def __call__(self, x_btnd, c_btd, mix: Mixer):
+        mod_bt1d = self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod_bt1d, 6, -1)
+        q, k, v = self.attn.qkv(_modulate(_layer_norm(x_btnd, self.eps), shift_msa, scale_msa))
+        x_btnd = x_btnd + gate_msa * self.attn.out(mix(q, k, v))
+        x_btnd = x_btnd + gate_mlp * self.mlp(
+            _modulate(_layer_norm(x_btnd, self.eps), shift_mlp, scale_mlp))
+        return x_btnd, (k, v)
+
+
+class Block(nnx.Module):
+    """Spatial sub-block (bidirectional within a frame) then temporal sub-block (over frames)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.spatial = SubBlock(cfg, rngs=rngs)
+        self.temporal = SubBlock(cfg, rngs=rngs)
+
+    def __call__(self, x_btnd, c_btd, spatial_mix: Mixer, temporal_mix: Mixer):
+        x_btnd, _ = self.spatial(x_btnd, c_btd, spatial_mix)
+        return self.temporal(x_btnd, c_btd, temporal_mix)
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        p, c = cfg.patch_size, cfg.channels
+        self.eps = cfg.norm_eps
+        self.adaLN_modulation = _linear(cfg, cfg.hidden_size, 2 * cfg.hidden_size,
+                                        ("embed", "mlp"), rngs=rngs, zero=True)
+        self.linear = _linear(cfg, cfg.hidden_size, p * p * c, ("embed", "patch"), rngs=rngs,
+                              zero=True)
+
+    def __call__(self, x_btnd, c_btd):
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :], 2, -1)
+        return self.linear(_modulate(_layer_norm(x_btnd, self.eps), shift, scale))
+
+
+class StreamContext(NamedTuple):
+    """What one streamed frame's pass reads from the ring-buffer cache (never writes).
+
+    `k_lbskne` is already rotated to each cached frame's window-relative position
+    (`window - 1 - age`); the new frame sits at position `window - 1`.
+    """
+
+    k_lbskne: jnp.ndarray  # [layers, b, s, n, heads, head_dim]
+    v_lbskne: jnp.ndarray
+    valid_bs: jnp.ndarray  # bool [b, s]
+
+
+def _make_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return Block(cfg, rngs=rngs)
+
+    return create(rngs)
+
+
+class DiT(nnx.Module):
+    """The causal spatio-temporal DiT.
+
+    `__call__(x_bthwc, time_bt, *, cond_bthwc, step_size_bt, prompt_bp, external_btx) -> pred_bthwc`
+    where `time_bt` is the value fed to the noise-level sinusoid (`process.model_time(level)`) and
+    `step_size_bt` the shortcut step size `d` (> 0) when `use_step_size`.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        patch_in = p * p * (cfg.channels + cfg.cond_channels)
+        self.x_embedder = _linear(cfg, patch_in, d, ("patch", "embed"), rngs=rngs)
+        self.t_embedder = TimestepEmbedder(cfg, rngs=rngs)
+        self.step_embedder = TimestepEmbedder(cfg, rngs=rngs) if cfg.use_step_size else None
+        self.prompt_proj = (_linear(cfg, cfg.prompt_dim, d, ("prompt", "embed"), rngs=rngs)
+                            if cfg.prompt_dim else None)
+        self.external_cond = (_linear(cfg, cfg.external_cond_dim, d, ("external", "embed"),
+                                      rngs=rngs) if cfg.external_cond_dim else None)
+        self.blocks = _make_blocks(cfg, rngs)
+        self.final_layer = FinalLayer(cfg, rngs=rngs)
+        self.spatial_freqs = RopeFreqs(jnp.asarray(rope.spatial_frequencies(cfg.head_dim)))
+        self.temporal_freqs = RopeFreqs(jnp.asarray(rope.temporal_frequencies(cfg.head_dim)))
+
+    # ------------------------------------------------------------------ embedding / output
+
+    def _check_inputs(self, x, cond, step_size, prompt, external):
+        cfg = self.cfg
+        if tuple(x.shape[-3:]) != cfg.frame_shape:
+            raise ValueError(f"model input frames are {'x'.join(map(str, x.shape[-3:]))}, expected "
+                             f"{'x'.join(map(str, cfg.frame_shape))} (HxWxC model space)")
+        for name, value, needed in (("cond", cond, cfg.cond_channels > 0),
+                                    ("step_size", step_size, cfg.use_step_size),
+                                    ("prompt", prompt, cfg.prompt_dim > 0),
+                                    ("external", external, cfg.external_cond_dim > 0)):
+            if needed and value is None:
+                raise ValueError(f"this model needs `{name}` (see its ModelConfig), got None")
+            if not needed and value is not None:
+                raise ValueError(f"this model takes no `{name}` input (see its ModelConfig)")
+        if cond is not None and cond.shape[-1] != cfg.cond_channels:
+            raise ValueError(f"cond frames have {cond.shape[-1]} channels, expected "
+                             f"model.cond_channels={cfg.cond_channels}")
+
+    def _embed(self, x_bthwc, cond_bthwc):
+        cfg = self.cfg
+        dtype = _dtype(cfg.dtype)
+        if cond_bthwc is not None:
+            x_bthwc = jnp.concatenate([x_bthwc, cond_bthwc.astype(x_bthwc.dtype)], axis=-1)
+        b, t, h, w, c = x_bthwc.shape
+        p = cfg.patch_size
+        x = x_bthwc.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return self.x_embedder(x.reshape(b, t, (h // p) * (w // p), p * p * c).astype(dtype))
+
+    def _condition(self, time_bt, step_size_bt, prompt_bp, external_btx):
+        c_btd = self.t_embedder(time_bt)
+        if self.step_embedder is not None:
+            c_btd = c_btd + self.step_embedder(-jnp.log2(step_size_bt) * STEP_EMBED_SCALE)
+        if self.prompt_proj is not None:
+            c_btd = c_btd + self.prompt_proj(prompt_bp)[:, None, :]
+        if self.external_cond is not None:
+            c_btd = c_btd + self.external_cond(external_btx)
+        return c_btd
+
+    def _unpatchify(self, out_btnf):
+        cfg = self.cfg
+        p, (gh, gw) = cfg.patch_size, cfg.grid
+        b, t = out_btnf.shape[:2]
+        x = out_btnf.reshape(b, t, gh, gw, p, p, cfg.channels).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, gh * p, gw * p, cfg.channels).astype(jnp.float32)
+
+    # ------------------------------------------------------------------ blocks
+
+    def _spatial_mix(self) -> Mixer:
+        cfg = self.cfg
+        attend = get_attention(cfg.attention_impl)
+        angles_ne = rope.spatial_angles(self.spatial_freqs[...], *cfg.grid)[:, None, :]
+
+        def mix(q, k, v):
+            q = rope.apply_rope(q, angles_ne, interleaved=cfg.rope_interleaved)
+            k = rope.apply_rope(k, angles_ne, interleaved=cfg.rope_interleaved)
+            return attend(q, k, v, None)
+
+        return mix
+
+    def _run_blocks(self, x_btnd, c_btd, temporal_mix, layer_ctx):
+        """Run all blocks; `temporal_mix(q, k, v, ctx)` gets this layer's slice of `layer_ctx`.
+
+        Returns the final hidden states and the per-layer temporal (k, v), stacked `[layers, ...]`.
+        """
+        cfg = self.cfg
+        spatial_mix = self._spatial_mix()
+        graphdef, layers_state = nnx.split(self.blocks)
+
+        def body(x, xs):
+            layer_state, ctx = xs
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, c_btd, spatial_mix, lambda q, k, v: temporal_mix(q, k, v, ctx))
+
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy])
+        if cfg.scan_layers:
+            return jax.lax.scan(body, x_btnd, (layers_state, layer_ctx))
+        kvs = []
+        for i in range(cfg.depth):
+            x_btnd, kv = body(x_btnd, jax.tree.map(lambda a, i=i: a[i], (layers_state, layer_ctx)))
+            kvs.append(kv)
+        return x_btnd, jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+
+    # ------------------------------------------------------------------ entry points
+
+    def __call__(self, x_bthwc, time_bt, *, cond_bthwc=None, step_size_bt=None, prompt_bp=None,
+                 external_btx=None):
+        """Banded causal forward over a whole clip: frame i attends to frames i-window+1 .. i."""
+        cfg = self.cfg
+        self._check_inputs(x_bthwc, cond_bthwc, step_size_bt, prompt_bp, external_btx)
+        attend = get_attention(cfg.attention_impl)
+        num_frames = x_bthwc.shape[1]
+        pos_t = jnp.arange(num_frames)
+        offset_tt = pos_t[:, None] - pos_t[None, :]
+        band_tt = (offset_tt >= 0) & (offset_tt < cfg.window)
+        angles_te = rope.temporal_angles(self.temporal_freqs[...], pos_t)[:, None, None, :]
+
+        def temporal_mix(q, k, v, _):
+            # Attend over frames at each token: move tokens ahead of frames.
+            q = rope.apply_rope(q, angles_te, interleaved=cfg.rope_interleaved).swapaxes(1, 2)
+            k = rope.apply_rope(k, angles_te, interleaved=cfg.rope_interleaved).swapaxes(1, 2)
+            return attend(q, k, v.swapaxes(1, 2), band_tt).swapaxes(1, 2)
+
+        x = self._embed(x_bthwc, cond_bthwc)
+        c = self._condition(time_bt, step_size_bt, prompt_bp, external_btx)
+        x, _ = self._run_blocks(x, c, temporal_mix, None)
+        return self._unpatchify(self.final_layer(x, c))
+
+    def stream_pass(self, x_bhwc, time_b, ctx: StreamContext, *, cond_bhwc=None, step_size_b=None,
+                    prompt_bp=None, external_bx=None):
+        """One new frame per stream through every layer, reading the cache in `ctx`.
+
+        Returns `(pred_bhwc, k_lbkne, v_lbkne)`: the prediction and the frame's un-rotated
+        temporal keys/values per layer, ready to be written into the ring buffer.
+        """
+        cfg = self.cfg
+        add_t = lambda a: None if a is None else a[:, None]  # noqa: E731
+        x_bthwc, cond_bthwc = add_t(x_bhwc), add_t(cond_bhwc)
+        self._check_inputs(x_bthwc, cond_bthwc, step_size_b, prompt_bp, external_bx)
+        attend = get_attention(cfg.attention_impl)
+        window_pos = cfg.window - 1
+        angles_e = rope.temporal_angles(self.temporal_freqs[...], jnp.asarray(window_pos))
+        # [b, 1 query, s + 1 keys], broadcast over tokens and heads.
+        mask_b11qk = jnp.concatenate(
+            [ctx.valid_bs, jnp.ones_like(ctx.valid_bs[:, :1])], axis=1)[:, None, None, None, :]
+
+        def temporal_mix(q, k, v, layer_ctx):
+            k_cache_bskne, v_cache_bskne = layer_ctx
+            q = rope.apply_rope(q, angles_e, interleaved=cfg.rope_interleaved)
+            k = rope.apply_rope(k, angles_e, interleaved=cfg.rope_interleaved)
+            k_all = jnp.concatenate([k_cache_bskne.astype(k.dtype), k], axis=1).swapaxes(1, 2)
+            v_all = jnp.concatenate([v_cache_bskne.astype(v.dtype), v], axis=1).swapaxes(1, 2)
+            return attend(q.swapaxes(1, 2), k_all, v_all, mask_b11qk).swapaxes(1, 2)
+
+        x = self._embed(x_bthwc, cond_bthwc)
+        c = self._condition(time_b[:, None], add_t(step_size_b), prompt_bp, add_t(external_bx))
+        x, (k_lbtkne, v_lbtkne) = self._run_blocks(
+            x, c, temporal_mix, (ctx.k_lbskne, ctx.v_lbskne))
+        pred_bhwc = self._unpatchify(self.final_layer(x, c))[:, 0]
+        return pred_bhwc, k_lbtkne[:, :, 0], v_lbtkne[:, :, 0]
+
+
+def count_params(model_or_state) -> tuple[int, int]:
+    """`(total, trainable)` element counts; total includes the fixed rotary frequencies."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    sizes = lambda s: sum(math.prod(x.shape) for x in jax.tree.leaves(s))  # noqa: E731
+    return sizes(state), sizes(state.filter(nnx.Param))
+
+
+def abstract_model(cfg: ModelConfig) -> DiT:
+    """The model with abstract (shape-only) arrays: no weights allocated."""
+    return nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+
+
+def randomize(model: DiT, seed: int = 0, gain: float = 1.0) -> DiT:
+    """Replace every trained parameter (zero-initialised ones included) with random values.
+
+    Kernels get `N(0, gain^2 / fan_in)`, biases `N(0, 0.1^2)`. Used by tests and parity checks,
+    where the adaLN-Zero initialisation would make every block the identity and hide errors.
+    """
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    new = []
+    for key, leaf in zip(keys, leaves):
+        if leaf.ndim >= 2 and leaf.shape[-2] > 1:
+            std = gain / math.sqrt(leaf.shape[-2])
+        else:
+            std = 0.1
+        new.append((std * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype))
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
