@@ -54,8 +54,8 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, r
     return nnx.Linear(
         d_in, d_out, use_bias=bias, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
         kernel_init=kernel_init, rngs=rngs,
-        kernel_metadata={"sharding_names": axes, "eager_sharding": False},
-        bias_metadata={"sharding_names": axes[1:], "eager_sharding": False},
+        kernel_metadata={"out_sharding": axes, "eager_sharding": False},
+        bias_metadata={"out_sharding": axes[1:], "eager_sharding": False},
     )
 
 
@@ -364,7 +364,7 @@ def count_params(model_or_state) -> tuple[int, int]:
     """`(total, trainable)` element counts; total includes the fixed rotary frequencies."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
     sizes = lambda s: sum(math.prod(x.shape) for x in jax.tree.leaves(s))  # noqa: E731
-    return sizes(state), sizes(state.filter(nnx.Param))
+    return sizes(state), sizes(nnx.filter_state(state, nnx.Param))
 
 
 def abstract_model(cfg: ModelConfig) -> DiT:
