@@ -46,7 +46,7 @@ def xla_attention(q, k, v, mask=None):
 
 
 def jax_nn_attention(q, k, v, mask=None):
-    """`jax.nn.dot_product_attention` (XLA's fused path where it has one); leading axes flattened."""
+    """`jax.nn.dot_product_attention` (XLA's fused path where it has one), leading axes flat."""
     lead = q.shape[:-3]
     flat = lambda a: a.reshape(-1, *a.shape[-3:])  # noqa: E731
     if mask is not None:

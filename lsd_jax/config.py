@@ -17,7 +17,7 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A config value, key or file that cannot be used; the message names it and what was expected."""
+    """A bad config value, key or file; the message names it and what is expected."""
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -84,8 +84,8 @@ class ModelConfig:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
                               f"model.num_heads={self.num_heads}")
         if self.head_dim % 4:
-            raise ConfigError(f"head dim {self.head_dim} (model.hidden_size / model.num_heads) must "
-                              "be divisible by 4 for the 2-D axial rotary embedding")
+            raise ConfigError(f"head dim {self.head_dim} (model.hidden_size / model.num_heads) "
+                              "must be divisible by 4 for the 2-D axial rotary embedding")
         if self.freq_embed_dim % 2:
             raise ConfigError(f"model.freq_embed_dim={self.freq_embed_dim} must be even")
         if self.window < 2:
@@ -211,7 +211,8 @@ class Config:
     def __post_init__(self):
         _check_choice("codec", self.codec, ("pixel", "oasis_vae"))
         if self.codec == "pixel" and self.model.channels != 3:
-            raise ConfigError(f"model.channels={self.model.channels}, the pixel codec needs 3 (RGB)")
+            raise ConfigError(f"model.channels={self.model.channels}, the pixel codec needs 3 "
+                              "(RGB)")
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -248,7 +249,7 @@ def _parse_value(key: str, text: str, typ: Any) -> Any:
             return tuple(_parse_scalar(key, s.strip(), args[0]) for s in items)
         if len(items) != len(args):
             raise ConfigError(f"{key}={text!r}, expected {len(args)} comma-separated values")
-        return tuple(_parse_scalar(key, s.strip(), a) for s, a in zip(items, args))
+        return tuple(_parse_scalar(key, s.strip(), a) for s, a in zip(items, args, strict=True))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if text.strip().lower() == "none":
@@ -296,7 +297,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Load `get_config()` from a Python config file and apply overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (expected e.g. configs/tiny.py)")
+        raise ConfigError(f"config file {str(path)!r} does not exist (expected e.g. "
+                          "configs/tiny.py)")
     spec = importlib.util.spec_from_file_location(f"_lsd_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

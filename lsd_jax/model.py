@@ -1,7 +1,8 @@
 """Causal spatio-temporal DiT (DESIGN.md section 2), Flax NNX.
 
 Shapes: `b` batch, `t` frames, `h, w, c` a frame in model space (NHWC), `n` tokens per frame,
-`d` hidden size, `l` layers, `s` cached history frames (window - 1), `k` attention heads, `e` head dim.
+`d` hidden size, `l` layers, `s` cached history frames (window - 1), `k` attention heads,
+`e` head dim.
 
 Two entry points share every layer:
 - `DiT.__call__`: the full clip, temporal attention banded-causal over `window` frames;
@@ -232,9 +233,16 @@ class DiT(nnx.Module):
                 raise ValueError(f"this model needs `{name}` (see its ModelConfig), got None")
             if not needed and value is not None:
                 raise ValueError(f"this model takes no `{name}` input (see its ModelConfig)")
-        if cond is not None and cond.shape[-1] != cfg.cond_channels:
-            raise ValueError(f"cond frames have {cond.shape[-1]} channels, expected "
-                             f"model.cond_channels={cfg.cond_channels}")
+        if cond is not None and tuple(cond.shape) != (*x.shape[:-1], cfg.cond_channels):
+            raise ValueError(f"cond frames are {'x'.join(map(str, cond.shape))}, expected "
+                             f"{'x'.join(map(str, (*x.shape[:-1], cfg.cond_channels)))} "
+                             f"(model.cond_channels={cfg.cond_channels})")
+        if prompt is not None and tuple(prompt.shape) != (x.shape[0], cfg.prompt_dim):
+            raise ValueError(f"prompt embedding is {'x'.join(map(str, prompt.shape))}, expected "
+                             f"{x.shape[0]}x{cfg.prompt_dim} (batch x model.prompt_dim)")
+        if external is not None and external.shape[-1] != cfg.external_cond_dim:
+            raise ValueError(f"external vector has {external.shape[-1]} entries, expected "
+                             f"model.external_cond_dim={cfg.external_cond_dim}")
 
     def _embed(self, x_bthwc, cond_bthwc):
         cfg = self.cfg
@@ -382,7 +390,7 @@ def randomize(model: DiT, seed: int = 0, gain: float = 1.0) -> DiT:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     new = []
-    for key, leaf in zip(keys, leaves):
+    for key, leaf in zip(keys, leaves, strict=True):
         if leaf.ndim >= 2 and leaf.shape[-2] > 1:
             std = gain / math.sqrt(leaf.shape[-2])
         else:

@@ -1,7 +1,8 @@
 """Rotary position embeddings with the Oasis frequencies (OASIS.md), for any head dim.
 
 Angles are per rotated pair: `[..., head_dim / 2]`. With `interleaved=True` (Oasis, GPT-J style)
-pair `i` is head dims `(2i, 2i+1)`; with `interleaved=False` (NeoX style) it is `(i, i + head_dim/2)`.
+pair `i` is head dims `(2i, 2i+1)`; with `interleaved=False` (NeoX style) it is
+`(i, i + head_dim/2)`.
 All rotation arithmetic is float32 whatever the compute dtype.
 """
 
@@ -12,7 +13,7 @@ import numpy as np
 
 
 def spatial_frequencies(head_dim: int) -> np.ndarray:
-    """`head_dim/4` frequencies `linspace(1, 128, head_dim/4) * pi` (a pixel rotary, max_freq 256)."""
+    """`head_dim/4` frequencies `linspace(1, 128, head_dim/4) * pi` (pixel rotary, max_freq 256)."""
     return (np.linspace(1.0, 128.0, head_dim // 4) * np.pi).astype(np.float32)
 
 

@@ -52,7 +52,7 @@ def forward(model, inp):
 
 
 @pytest.mark.parametrize("name,total,trainable", [
-    ("tiny", 2_585_816, 2_585_792),
+    ("tiny", 1_344_584, 1_344_560),
     ("mid", 43_650_288, 43_650_240),
     ("lsd_base", 761_176_176, 761_176_128),
     ("oasis_500m", 607_943_792, 607_943_744),

@@ -1,0 +1,17 @@
+"""lsd-jax: Live-Stream Diffusion in JAX/Flax NNX.
+
+A causal video DiT that turns a live stream into a restyled stream, one frame at a time. Modules:
+
+- `config`: the typed config tree, config files and `key.path=value` overrides;
+- `model`: the causal spatio-temporal DiT; `attention`, `rope`: its attention and rotary parts;
+- `diffusion`: rectified flow and DDPM v-prediction behind one interface;
+- `streaming`: the ring-buffer KV cache and the jitted per-frame step;
+- `codec`: frames <-> model space; `prompt`: prompt encoders;
+- `flops`: analytic and compiled-HLO FLOP counts; `bench`: the step benchmark; `cli`: `lsd`.
+"""
+
+from lsd_jax.config import Config, ConfigError, load_config
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "ConfigError", "load_config", "__version__"]

@@ -1,0 +1,267 @@
+"""The `lsd` command.
+
+    lsd info --config configs/tiny.py [key.path=value ...] [--json]
+    lsd bench step --config configs/tiny.py [--steps 3] [--frames 200] [--batch 1] [--json]
+
+Every command that takes `--config` also takes trailing `key.path=value` overrides of any config
+field (`lsd info --config configs/tiny.py model.depth=2`). `--config` is a file path, or the name of
+a config shipped in the `configs` package (`--config tiny`). A bad config, frame, prompt or file
+prints one line, `lsd: error: ...`, to stderr and exits 2, as argparse does for bad arguments.
+
+Adding a command: write `_run_NAME(args) -> int`, and register it in `build_parser` with
+`_add_command` (which adds `--config` and the overrides), plus its own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lsd_jax.codec import CodecUnavailableError, FrameError
+from lsd_jax.config import Config, ConfigError, load_config
+from lsd_jax.prompt import PromptError
+
+# Errors caused by what the user asked for, reported as one line; anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ConfigError, FrameError, PromptError, CodecUnavailableError, FileNotFoundError)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the `configs` package."""
+    root = importlib.resources.files("configs")
+    return sorted(p.name[:-3] for p in root.iterdir()
+                  if p.name.endswith(".py") and not p.name.startswith("_"))
+
+
+def resolve_config(spec: str) -> Path:
+    """A config file path, or a packaged config's name (`tiny`, `configs/tiny.py` outside the repo).
+
+    An existing file wins; otherwise a bare name or a path under a `configs/` folder is looked up
+    by its stem in the `configs` package.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.suffix in ("", ".py") and (len(path.parts) == 1 or path.parent.name == "configs"):
+        packaged = importlib.resources.files("configs").joinpath(f"{path.stem}.py")
+        if packaged.is_file():
+            return Path(str(packaged))
+    raise ConfigError(f"config {spec!r} not found: no such file, and no packaged config of that "
+                      f"name (packaged: {', '.join(packaged_configs())})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(resolve_config(args.config), args.overrides)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.1f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        print(f"{label:<{width}}  {text}")
+
+
+# ----------------------------------------------------------------------------- lsd info
+
+
+def describe(cfg: Config) -> dict:
+    """Parameter count (from shapes only: no weights allocated), FLOPs, tokens, window, steps."""
+    from lsd_jax.flops import dit_flops, streamed_frame_flops
+    from lsd_jax.model import abstract_model, count_params
+
+    m = cfg.model
+    total, trainable = count_params(abstract_model(m))
+    per_pass = dit_flops(m, frames=1, keys_per_frame=m.window)
+    return {
+        "name": cfg.name,
+        "params_total": total,
+        "params_trainable": trainable,
+        "frame_shape": list(m.frame_shape),
+        "codec": cfg.codec,
+        "tokens_per_frame": m.tokens_per_frame,
+        "grid": list(m.grid),
+        "patch_size": m.patch_size,
+        "window": m.window,
+        "cache_frames": m.window - 1,
+        "steps": cfg.diffusion.sample_steps,
+        "flops_per_pass": per_pass["total"],
+        "flops_per_pass_by_part": {k: v for k, v in per_pass.items() if k != "total"},
+        "flops_per_frame": streamed_frame_flops(cfg),
+    }
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    info = describe(cfg)
+    if args.json:
+        print(json.dumps({"config": args.config, **info}, indent=2))
+        return 0
+    gh, gw = info["grid"]
+    _print_rows([
+        ("config", f"{info['name']} ({args.config})"),
+        ("parameters", f"{info['params_total']:,} total, {info['params_trainable']:,} trainable"),
+        ("frame", f"{'x'.join(map(str, info['frame_shape']))} model space, codec {cfg.codec}"),
+        ("tokens per frame", f"{info['tokens_per_frame']} ({gh}x{gw} grid of "
+                             f"{info['patch_size']}x{info['patch_size']} patches)"),
+        ("window", f"{info['window']} frames ({info['cache_frames']} cached per layer)"),
+        ("steps", f"{info['steps']} denoising passes + 1 cache-write pass per frame"),
+        ("FLOPs per pass", f"{info['flops_per_pass']:,} ({_si(info['flops_per_pass'], 'FLOP')}):"
+                           f" one frame, temporal attention over {info['window']} frames"),
+        ("FLOPs per frame", f"{info['flops_per_frame']:,} ({_si(info['flops_per_frame'], 'FLOP')})"
+                            f": {info['steps']} denoising passes + the cache-write pass"),
+    ])
+    return 0
+
+
+# ----------------------------------------------------------------------------- lsd bench step
+
+
+def _run_bench_step(args: argparse.Namespace) -> int:
+    from lsd_jax.bench import bench_step
+
+    cfg = config_from_args(args)
+    result = bench_step(cfg, steps=args.steps, frames=args.frames, batch=args.batch,
+                        warmup=args.warmup, prompt=args.prompt, peak_sizes=args.peak_sizes,
+                        show_progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    ms = result["ms_per_frame"]
+    xla = result["xla_cost_analysis_flops_per_frame"]
+    bound = "" if result["flops_per_frame_exact"] else " (a lower bound: a loop of unknown length)"
+    _print_rows([
+        ("config", f"{result['config']}, {result['steps']} steps, batch {result['batch']}, "
+                   f"{'x'.join(map(str, result['frame_shape']))} frames"),
+        ("device", f"{result['device']}, {result['cpu_count']} CPUs, jax {result['jax_version']}"),
+        ("compile", f"{result['compile_s']:.2f} s"),
+        ("ms per frame", f"p50 {ms['p50']:.2f}  p99 {ms['p99']:.2f}  mean {ms['mean']:.2f}  "
+                         f"(over {result['frames']} frames after {result['warmup']} warm-up)"),
+        ("FPS", f"{result['fps']:.1f} frames/s ({result['fps_per_stream']:.1f} per stream)"),
+        ("FLOPs per frame", f"{_si(result['flops_per_frame'], 'FLOP')} (matmuls of the compiled "
+                            f"step, loops at their trip counts){bound}"),
+        ("  cross-checks", f"analytic {_si(result['flops_per_frame_analytic'], 'FLOP')}" + (
+            "" if xla is None else
+            f"; XLA cost_analysis {_si(xla, 'FLOP')} (counts each loop body once)")),
+        ("achieved", f"{result['achieved_gflops']:.2f} GFLOP/s at p50"),
+        ("matmul peak", f"{result['matmul_peak_gflops']:.2f} GFLOP/s (float32 "
+                        f"{result['matmul_peak_size']}^2 matmul, median; by size: "
+                        + ", ".join(f"{n}: {g:.1f}" for n, g in
+                                    result["matmul_gflops_by_size"].items()) + ")"),
+        ("of peak", f"{result['percent_of_peak']:.1f}%"),
+    ])
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in `[low, high]`, with an error naming the value otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"{value} is not {bound}")
+        return value
+
+    return parse
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive ints, e.g. `512,1024,2048`."""
+    parse = _int_in(1)
+    sizes = tuple(parse(s.strip()) for s in text.split(",") if s.strip())
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no sizes, expected e.g. 512,1024")
+    return sizes
+
+
+def _add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int],
+                 help: str) -> argparse.ArgumentParser:
+    """A subcommand taking `--config` and trailing `key.path=value` overrides."""
+    parser = subparsers.add_parser(name, help=help, description=help)
+    parser.add_argument("--config", required=True,
+                        help="config file (configs/tiny.py) or packaged config name (tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="override a config field, e.g. model.depth=2")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsd", description="Live-Stream Diffusion in JAX: a causal video DiT, frame by frame.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = _add_command(commands, "info", _run_info,
+                        "parameters, FLOPs, tokens per frame, window and steps of a config")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="benchmark", required=True, metavar="BENCHMARK")
+    step = _add_command(bench, "step", _run_bench_step,
+                        "latency, FPS and FLOP rate of the jitted streaming step")
+    step.add_argument("--steps", type=_int_in(1, 128), default=None,
+                      help="denoising steps per frame (default: the config's)")
+    step.add_argument("--frames", type=_int_in(1), default=200, help="frames timed after warm-up")
+    step.add_argument("--batch", type=_int_in(1), default=1, help="concurrent streams")
+    step.add_argument("--warmup", type=_int_in(0), default=10,
+                      help="untimed frames after compiling")
+    step.add_argument("--prompt", default="a watercolor painting",
+                      help="prompt (for configs with a prompt)")
+    step.add_argument("--peak-sizes", type=_sizes, default=(512, 1024, 2048),
+                      help="square float32 matmul sizes timed for the machine's peak "
+                           "(default 512,1024,2048)")
+    step.add_argument("--no-progress", action="store_true", help="no progress bar")
+    step.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `lsd` with `argv` (default `sys.argv[1:]`); returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow later options (`--config x --json a.b=1`); argparse leaves those.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no config overrides: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        message = str(err) if not isinstance(err, FileNotFoundError) else (
+            f"{err.strerror}: {err.filename}")
+        print(f"lsd: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`lsd info | head`); send the rest nowhere instead of a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

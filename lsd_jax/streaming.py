@@ -1,0 +1,198 @@
+"""The streaming step (DESIGN.md section 4): one jitted call per frame, state donated.
+
+    state = init_stream(cfg, batch, rng)
+    step = make_step(cfg, graphdef)                 # jax.jit, compiles once
+    state, out_bhwc_uint8 = step(params, state, frame_bhwc_uint8, prompt_bp)
+
+The state is a ring-buffer KV cache holding the temporal keys/values of the last `window - 1`
+frames for every layer, the next slot to write, how many slots hold history for each stream, and
+an rng key. Nothing in it depends on the absolute frame index: cached keys are stored un-rotated
+and rotated at read time by their age (1 .. window-1), so frame 10,000,000 is computed exactly
+like frame 100. The batch axis is the set of concurrent streams; a stream is reset by setting its
+`num_valid` to 0.
+
+Inside one step: encode the input frame, start from noise, `k` denoising steps on the new frame
+reading (never writing) the cache, then one more pass of the finished frame at the context level
+`t_ctx` (clean and labelled `t_ctx`, or really noised to it) whose K/V are written into the ring
+buffer. That extra pass makes the cache hold exactly what the full banded forward over the
+generated history computes (see `reference_sample`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsd_jax import rope
+from lsd_jax.config import Config
+from lsd_jax.diffusion import make_process
+from lsd_jax.model import StreamContext, _dtype
+
+
+class StreamState(NamedTuple):
+    cache_k: jnp.ndarray  # [layers, b, s, n, heads, head_dim], un-rotated keys
+    cache_v: jnp.ndarray  # [layers, b, s, n, heads, head_dim]
+    slot: jnp.ndarray  # int32 []: the ring slot the next frame is written to
+    num_valid: jnp.ndarray  # int32 [b]: how many of the newest slots hold this stream's history
+    rng: jnp.ndarray  # uint32 [2]
+
+
+def cache_size(cfg: Config) -> int:
+    return cfg.model.window - 1
+
+
+def init_stream(cfg: Config, batch: int, rng, start_frame: int = 0) -> StreamState:
+    """Empty cache for `batch` streams. `start_frame` only sets which ring slot is written first."""
+    m = cfg.model
+    if batch < 1:
+        raise ValueError(f"batch={batch}, expected >= 1 concurrent streams")
+    shape = (m.depth, batch, cache_size(cfg), m.tokens_per_frame, m.num_heads, m.head_dim)
+    return StreamState(
+        cache_k=jnp.zeros(shape, _dtype(m.dtype)),
+        cache_v=jnp.zeros(shape, _dtype(m.dtype)),
+        slot=jnp.asarray(start_frame % cache_size(cfg), jnp.int32),
+        num_valid=jnp.zeros((batch,), jnp.int32),
+        # A copy: the state is donated to the step, the caller's key must survive.
+        rng=jax.random.PRNGKey(rng) if isinstance(rng, int) else jnp.array(rng, jnp.uint32),
+    )
+
+
+def read_cache(cfg: Config, state: StreamState) -> StreamContext:
+    """Rotate each cached key to its window-relative position and mark the valid slots."""
+    size = cache_size(cfg)
+    slots = jnp.arange(size)
+    age_s = (state.slot - 1 - slots) % size + 1  # the slot written last has age 1
+    angles_se = rope.temporal_angles(rope.temporal_frequencies(cfg.model.head_dim),
+                                     cfg.model.window - 1 - age_s)
+    k = rope.apply_rope(state.cache_k, angles_se[None, None, :, None, None, :],
+                        interleaved=cfg.model.rope_interleaved)
+    return StreamContext(k, state.cache_v, age_s[None, :] <= state.num_valid[:, None])
+
+
+def write_cache(cfg: Config, state: StreamState, k_lbkne, v_lbkne) -> StreamState:
+    """Write one frame's per-layer K/V into the ring at `slot` and advance."""
+    size = cache_size(cfg)
+    put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        cache, new[:, :, None].astype(cache.dtype), state.slot, axis=2)
+    return state._replace(
+        cache_k=put(state.cache_k, k_lbkne),
+        cache_v=put(state.cache_v, v_lbkne),
+        slot=(state.slot + 1) % size,
+        num_valid=jnp.minimum(state.num_valid + 1, size),
+    )
+
+
+def _schedule(cfg: Config, steps: int | None):
+    process = make_process(cfg.diffusion)
+    steps = cfg.diffusion.sample_steps if steps is None else steps
+    if not 1 <= steps <= 128:
+        raise ValueError(f"steps={steps}, expected 1..128 denoising steps per frame")
+    levels, step_sizes = process.sampling_schedule(steps)
+    return process, np.asarray(levels, np.float32), np.asarray(step_sizes, np.float32)
+
+
+def _initial_noise(key, shape):
+    # Oasis clamps its starting noise to +-20; a no-op in practice, kept so both agree bit for bit.
+    return jnp.clip(jax.random.normal(key, shape, jnp.float32), -20.0, 20.0)
+
+
+def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False):
+    """The pure (un-jitted) step in model space.
+
+    `step(params, state, cond_bhwc, prompt_bp=None, external_bx=None) -> (state, x0_bhwc)`.
+    `unroll=True` unrolls the denoising loop (XLA's cost analysis counts a loop body once, so
+    FLOP counts are taken on the unrolled form).
+    """
+    process, levels, step_sizes = _schedule(cfg, steps)
+    m = cfg.model
+    ctx_level = cfg.diffusion.ctx_level
+    min_step = process.min_step_size
+
+    def step(params, state: StreamState, cond_bhwc, prompt_bp=None, external_bx=None):
+        model = nnx.merge(graphdef, params)
+        batch = state.num_valid.shape[0]
+        rng, k_noise, k_ctx = jax.random.split(state.rng, 3)
+        ctx = read_cache(cfg, state)
+        kwargs = dict(cond_bhwc=cond_bhwc, prompt_bp=prompt_bp, external_bx=external_bx)
+        full = lambda value: jnp.full((batch,), value, jnp.float32)  # noqa: E731
+        step_b = lambda d: full(d) if m.use_step_size else None  # noqa: E731
+
+        def denoise(x_bhwc, level):
+            t, t_next, d = level
+            pred, _, _ = model.stream_pass(x_bhwc, full(process.model_time(t)), ctx,
+                                           step_size_b=step_b(d), **kwargs)
+            return process.denoise_step(x_bhwc, pred, t, t_next), None
+
+        x_bhwc = _initial_noise(k_noise, (batch, *m.frame_shape))
+        x0_bhwc, _ = jax.lax.scan(denoise, x_bhwc, (levels[:-1], levels[1:], step_sizes),
+                                  unroll=unroll)
+        x_ctx = context_frame(cfg, process, x0_bhwc, k_ctx)
+        _, k_new, v_new = model.stream_pass(x_ctx, full(process.model_time(ctx_level)), ctx,
+                                            step_size_b=step_b(min_step), **kwargs)
+        return write_cache(cfg, state, k_new, v_new)._replace(rng=rng), x0_bhwc
+
+    return step
+
+
+def context_frame(cfg: Config, process, x0, key):
+    """What a finished frame is as history: clean (labelled t_ctx) or really noised to t_ctx."""
+    if cfg.diffusion.context_noise == "label":
+        return x0
+    eps = jax.random.normal(key, x0.shape, jnp.float32)
+    return process.add_noise(x0, eps, jnp.full(x0.shape[:-3], cfg.diffusion.ctx_level))
+
+
+def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False):
+    """The jitted pixel-space step: uint8 `[b, H, W, 3]` in and out, state donated.
+
+    `step(params, state, frame_bhwc, prompt_bp=None, external_bx=None) -> (state, out_bhwc)`.
+    """
+    from lsd_jax.codec import make_codec
+
+    codec = make_codec(cfg)
+    latent_step = make_latent_step(cfg, graphdef, steps=steps, unroll=unroll)
+    uses_frame = cfg.model.cond_channels > 0
+
+    def step(params, state, frame_bhwc, prompt_bp=None, external_bx=None):
+        cond = codec.encode(frame_bhwc) if uses_frame else None
+        state, x0_bhwc = latent_step(params, state, cond, prompt_bp, external_bx)
+        return state, codec.decode(x0_bhwc)
+
+    return jax.jit(step, donate_argnames="state")
+
+
+def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None = None,
+                     prompt_bp=None, external_btx=None):
+    """Plain autoregressive sampler: no cache, the banded full forward re-run at every step.
+
+    For each new frame and each denoising step, runs `model(...)` over every frame generated so
+    far (as history: at `t_ctx`, as the cache holds it) plus the new one, and keeps the new
+    frame's prediction. Consumes `rng` exactly as `make_latent_step` does. Returns x0 `[b,t,h,w,c]`.
+    """
+    process, levels, step_sizes = _schedule(cfg, steps)
+    m = cfg.model
+    batch, num_frames = cond_bthwc.shape[:2] if cond_bthwc is not None else external_btx.shape[:2]
+    history, outputs = [], []
+    for i in range(num_frames):
+        rng, k_noise, k_ctx = jax.random.split(rng, 3)
+        x = _initial_noise(k_noise, (batch, *m.frame_shape))
+        ctx_time = process.model_time(cfg.diffusion.ctx_level)
+        for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
+            clip = jnp.stack([*history, x], axis=1)
+            time_bt = jnp.asarray([ctx_time] * i + [process.model_time(t)], jnp.float32)
+            step_bt = jnp.asarray([process.min_step_size] * i + [d], jnp.float32)
+            pred = model(
+                clip, jnp.broadcast_to(time_bt, (batch, i + 1)),
+                cond_bthwc=None if cond_bthwc is None else cond_bthwc[:, : i + 1],
+                step_size_bt=jnp.broadcast_to(step_bt, (batch, i + 1)) if m.use_step_size else None,
+                prompt_bp=prompt_bp,
+                external_btx=None if external_btx is None else external_btx[:, : i + 1],
+            )[:, -1]
+            x = process.denoise_step(x, pred, t, t_next)
+        outputs.append(x)
+        history.append(context_frame(cfg, process, x, k_ctx))
+    return jnp.stack(outputs, axis=1)
