@@ -9,13 +9,17 @@ a config shipped in the `configs` package (`--config tiny`). A bad config, frame
 prints one line, `lsd: error: ...`, to stderr and exits 2, as argparse does for bad arguments.
 
 Adding a command: write `_run_NAME(args) -> int`, and register it in `build_parser` with
-`_add_command` (which adds `--config` and the overrides), plus its own arguments.
+`_add_command` (which adds `--config` and the overrides), plus its own arguments. Commands that
+belong to another package live there, in a module listed in `COMMAND_MODULES` whose
+`register(commands, add_command)` adds them (heavy imports stay inside the run functions).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.resources
+import importlib.util
 import json
 import os
 import sys
@@ -25,6 +29,8 @@ from pathlib import Path
 from lsd_jax.codec import CodecUnavailableError, FrameError
 from lsd_jax.config import Config, ConfigError, load_config
 from lsd_jax.prompt import PromptError
+
+COMMAND_MODULES = ("lsd_jax.parity_cli", "train.cli", "serve.cli")
 
 # Errors caused by what the user asked for, reported as one line; anything else is a bug and keeps
 # its traceback.
@@ -235,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 512,1024,2048)")
     step.add_argument("--no-progress", action="store_true", help="no progress bar")
     step.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(commands, _add_command, bench)
     return parser
 
 

@@ -380,6 +380,24 @@ def abstract_model(cfg: ModelConfig) -> DiT:
     return nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
 
 
+def model_from_params(cfg: ModelConfig, params) -> DiT:
+    """A model whose trained parameters are `params` (an `nnx.State` or nested dict of arrays
+    shaped like `nnx.state(model, nnx.Param)`); the fixed rotary frequencies are recomputed.
+    No other weights are allocated."""
+    graphdef, _, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    rope_state = nnx.state(_RopeOnly(cfg))
+    model = nnx.merge(graphdef, params, rope_state)
+    return model
+
+
+class _RopeOnly(nnx.Module):
+    """The fixed variables of a DiT, at the same paths."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.spatial_freqs = RopeFreqs(jnp.asarray(rope.spatial_frequencies(cfg.head_dim)))
+        self.temporal_freqs = RopeFreqs(jnp.asarray(rope.temporal_frequencies(cfg.head_dim)))
+
+
 def randomize(model: DiT, seed: int = 0, gain: float = 1.0) -> DiT:
     """Replace every trained parameter (zero-initialised ones included) with random values.
 
