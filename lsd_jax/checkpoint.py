@@ -17,15 +17,20 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lsd_jax.config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from lsd_jax.config import (
+    CheckpointError,
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
 from lsd_jax.model import DiT, abstract_model, model_from_params
+
+__all__ = ["CheckpointError", "load_config_from", "load_model", "save_model"]
 
 FORMAT = "lsd-jax-model"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or of another format or version."""
 
 
 def save_model(directory: str | Path, cfg: Config, model: DiT) -> Path:

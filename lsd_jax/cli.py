@@ -27,14 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lsd_jax.codec import CodecUnavailableError, FrameError
-from lsd_jax.config import Config, ConfigError, load_config
+from lsd_jax.config import CheckpointError, Config, ConfigError, load_config
 from lsd_jax.prompt import PromptError
 
 COMMAND_MODULES = ("lsd_jax.parity_cli", "train.cli", "serve.cli")
 
 # Errors caused by what the user asked for, reported as one line; anything else is a bug and keeps
 # its traceback.
-USER_ERRORS = (ConfigError, FrameError, PromptError, CodecUnavailableError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, FrameError, PromptError, CodecUnavailableError,
+               FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A bad config value, key or file; the message names it and what is expected."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or artifact that is missing, incomplete, or of another format or version."""
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
