@@ -149,3 +149,10 @@ def test_bench_step_reports_consistent_figures(capsys, repo_root, tiny_cfg):
     assert result["percent_of_peak"] == pytest.approx(
         100 * result["achieved_gflops"] / result["matmul_peak_gflops"], rel=1e-9)
     assert result["fps"] == pytest.approx(2 * 1e3 / ms["mean"], rel=1e-9)
+
+
+def test_info_rejects_unknown_attention_impl(capsys, repo_root):
+    code, out, err = _run(capsys, "info", "--config", str(repo_root / "configs" / "tiny.py"),
+                          "model.attention_impl=magic")
+    assert code == 2
+    assert "model.attention_impl='magic' is not one of" in err and "'xla'" in err
