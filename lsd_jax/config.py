@@ -203,6 +203,90 @@ class DiffusionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training clips (DESIGN.md section 6, `train/data.py`).
+
+    `source`: "procedural" (scikit-image photographs moved by random camera paths, with sprites;
+    nothing to download) or "video_folder" (every video file under `video_dir`, decoded with
+    OpenCV). Clips are `clip_frames` frames at the model's frame size, sampled at `fps` (video
+    files only). `tasks` are the paired tasks drawn uniformly per clip ("all": every task in
+    `train/tasks.py`).
+    """
+
+    source: str = "procedural"
+    video_dir: str = ""
+    fps: float = 8.0
+    clip_frames: int = 8
+    tasks: str = "all"
+    shuffle_seed: int = 0
+    read_threads: int = 2
+    heldout_images: int = 2
+
+    def __post_init__(self):
+        _check_choice("data.source", self.source, ("procedural", "video_folder"))
+        _check_positive("data.fps", self.fps)
+        if self.clip_frames < 2:
+            raise ConfigError(f"data.clip_frames={self.clip_frames}, expected >= 2 frames")
+        _check_positive("data.read_threads", self.read_threads)
+        _check_positive("data.heldout_images", self.heldout_images)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimiser, schedule, EMA, checkpoints and metrics of `lsd train` (`train/trainer.py`).
+
+    `batch_size` is global (all processes); 0 means one clip per `data` x `fsdp` slice of the
+    mesh. The learning rate warms up linearly for
+    `warmup_steps`, then follows a cosine to `lr * final_lr_fraction` at `steps`. Checkpoints are
+    saved every `save_every` steps (0: only at the end and on SIGTERM/SIGINT), `keep` of them.
+    """
+
+    steps: int = 1000
+    batch_size: int = 0
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    save_every: int = 500
+    keep: int = 3
+    log_every: int = 10
+    sample_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "keep", "log_every"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("batch_size", "warmup_steps", "save_every", "sample_every", "weight_decay",
+                     "grad_clip"):
+            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _check_positive("train.lr", self.lr)
+        for name in ("final_lr_fraction", "b1", "b2", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"train.{name}={value!r}, expected a value in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes `data`, `fsdp`, `tensor` (`train/sharding.py`); their product must be the
+    device count. -1 on one axis takes the devices the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ConfigError(f"mesh sizes data={self.data} fsdp={self.fsdp} "
+                              f"tensor={self.tensor}, expected positive sizes, at most one -1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A named configuration: model, diffusion, frame codec and prompt encoder."""
 
@@ -211,6 +295,10 @@ class Config:
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     codec: str = "pixel"  # "pixel" ([-1, 1] RGB) or "oasis_vae" (latents, 360x640 frames).
     seed: int = 0
+    # Training (`lsd train`); other commands ignore these sections.
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         _check_choice("codec", self.codec, ("pixel", "oasis_vae"))

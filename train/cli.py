@@ -1,0 +1,145 @@
+"""`lsd train`: train a config, or only compile its sharded step (`--aot-only`).
+
+    lsd train --config configs/tiny.py --workdir runs/tiny [key.path=value ...] [--resume]
+    lsd train --aot-only --config configs/lsd_base.py --devices 64 mesh.data=8 mesh.fsdp=8 \
+        train.batch_size=64
+
+Several processes (`jax.distributed`): `--coordinator HOST:PORT --num-processes N --process-id I`,
+or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+`--devices N` simulates N CPU devices (compile and memory planning without the hardware).
+Exit status 0 when the run finished, 128 + the signal number when SIGTERM/SIGINT stopped it
+(after saving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def register(commands, add_command, bench) -> None:
+    """Add `lsd train` and `lsd bench train` to the `lsd` command (see `lsd_jax/cli.py`)."""
+    bench_train = add_command(bench, "train", _run_bench_train,
+                              "frames/s and FLOP utilisation of the sharded train step")
+    bench_train.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
+    bench_train.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    bench_train.add_argument("--json", action="store_true", help="print one JSON object")
+    parser = add_command(commands, "train", _run_train,
+                         "train a config (grain data, sharded step, orbax checkpoints)")
+    parser.add_argument("--workdir", help="checkpoints, model, metrics (required unless "
+                                          "--aot-only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest readable checkpoint in --workdir")
+    parser.add_argument("--aot-only", action="store_true",
+                        help="lower and compile the step, report per-device memory, do not run")
+    parser.add_argument("--devices", type=_positive_int, default=None,
+                        help="simulate this many CPU devices")
+    parser.add_argument("--coordinator", default=None, help="jax.distributed coordinator "
+                                                            "HOST:PORT")
+    parser.add_argument("--num-processes", type=_positive_int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _distributed_args(args) -> dict | None:
+    """`jax.distributed.initialize` arguments from the flags, else the environment; None when
+    neither names a coordinator (a single process)."""
+    env = os.environ
+    address = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if address is None:
+        return None
+    count = args.num_processes or env.get("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else env.get("JAX_PROCESS_ID")
+    if count is None or pid is None:
+        from lsd_jax.config import ConfigError
+
+        raise ConfigError(f"coordinator {address!r} given without the process count and id "
+                          "(--num-processes/--process-id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    return {"coordinator_address": address, "num_processes": int(count), "process_id": int(pid)}
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import jax
+
+    from lsd_jax.cli import config_from_args
+    from lsd_jax.config import ConfigError
+
+    if args.devices is not None:
+        # Before the backend starts: simulated CPU devices for compiling without the hardware.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    cfg = config_from_args(args)
+    dist = _distributed_args(args)
+    if dist is not None:
+        jax.distributed.initialize(**dist)
+
+    from train import sharding, trainer
+
+    if args.aot_only:
+        mesh = sharding.make_mesh(cfg.mesh)
+        cfg = trainer.resolve_batch_size(cfg, mesh)
+        _, report = trainer.compile_step(cfg, trainer.build_step(cfg, mesh))
+        report = {"config": cfg.name, "batch_size": cfg.train.batch_size,
+                  "clip_frames": cfg.data.clip_frames, **report}
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            for key, value in report.items():
+                shown = f"{value / 2**30:.3f} GiB" if key.endswith("_bytes") else value
+                print(f"{key:<22} {shown}")
+        return 0
+    if not args.workdir:
+        raise ConfigError("lsd train needs --workdir DIR (or --aot-only)")
+    log = (lambda msg: print(msg, file=sys.stderr)) if jax.process_index() == 0 else (
+        lambda msg: None)
+    result = trainer.train(cfg, args.workdir, resume=args.resume,
+                           progress=not args.no_progress, log=log)
+    if args.json and jax.process_index() == 0:
+        print(json.dumps(result, indent=2))
+    if result["stopped_by"] is not None:
+        return 128 + signal.Signals[result["stopped_by"]].value
+    return 0
+
+
+def _run_bench_train(args: argparse.Namespace) -> int:
+    from lsd_jax.cli import config_from_args
+    from train.bench import bench_train
+
+    result = bench_train(config_from_args(args), steps=args.steps, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    ms = result["step_ms"]
+    rows = [
+        ("config", f"{result['config']}, batch {result['batch']} x {result['clip_frames']} "
+                   f"frames of {'x'.join(map(str, result['frame_shape']))}"),
+        ("device", f"{result['devices']} x {result['device']}, {result['cpu_count']} CPUs, "
+                   f"jax {result['jax_version']}"),
+        ("compile", f"{result['compile_s']:.1f} s"),
+        ("step", f"p50 {ms['p50']:.1f} ms  min {ms['min']:.1f}  mean {ms['mean']:.1f}"),
+        ("throughput", f"{result['frames_per_s']:.1f} frames/s, "
+                       f"{result['tokens_per_s']:.0f} tokens/s"),
+        ("FLOPs per step", f"{result['flops_per_step'] / 1e9:.2f} GFLOP (compiled HLO matmuls)"),
+        ("achieved", f"{result['achieved_gflops']:.2f} GFLOP/s"),
+        ("matmul peak", f"{result['matmul_peak_gflops']:.2f} GFLOP/s (float32 "
+                        f"{result['matmul_peak_size']}^2)"),
+        ("of peak", f"{result['percent_of_peak']:.1f}%"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        print(f"{label:<{width}}  {text}")
+    return 0

@@ -1,0 +1,129 @@
+"""Paired tasks: a source clip -> (input clip, target clip, prompt).
+
+In:  a uint8 RGB clip `[T, H, W, 3]`. Out: the restyled clip, uint8 `[T, H, W, 3]`, and the prompt
+that names the restyle. The input clip is the source clip itself, so a task is "restyle this
+stream as the prompt says".
+
+Per-frame restyles are built from OpenCV (pencil sketch, stylisation, cartoon, thermal colour
+map, night vision, sepia, negative, edge glow). `motion_trails` is temporal: its target depends on
+its own past output, `y_i = a * y_{i-1} + (1 - a) * f(x_i)`, so a model can only reproduce it by
+using its history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from lsd_jax.config import ConfigError
+
+
+class Task(NamedTuple):
+    """A restyle: `fn(clip_thwc uint8) -> clip_thwc uint8` and the prompt that names it."""
+
+    name: str
+    prompt: str
+    fn: Callable[[np.ndarray], np.ndarray]
+
+
+def _per_frame(fn_hwc: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda clip_thwc: np.stack([fn_hwc(frame) for frame in clip_thwc])
+
+
+def _pencil_sketch(rgb_hwc: np.ndarray) -> np.ndarray:
+    gray_hw, _ = cv2.pencilSketch(rgb_hwc, sigma_s=20, sigma_r=0.08, shade_factor=0.06)
+    return cv2.cvtColor(gray_hw, cv2.COLOR_GRAY2RGB)
+
+
+def _stylise(rgb_hwc: np.ndarray) -> np.ndarray:
+    return cv2.stylization(rgb_hwc, sigma_s=20, sigma_r=0.45)
+
+
+def _cartoon(rgb_hwc: np.ndarray) -> np.ndarray:
+    smooth = cv2.bilateralFilter(rgb_hwc, d=5, sigmaColor=60, sigmaSpace=5)
+    # Flat colour regions: quantise to 6 levels per channel.
+    flat = (smooth // 43) * 43 + 21
+    gray_hw = cv2.medianBlur(cv2.cvtColor(rgb_hwc, cv2.COLOR_RGB2GRAY), 3)
+    edges_hw = cv2.adaptiveThreshold(gray_hw, 255, cv2.ADAPTIVE_THRESH_MEAN_C,
+                                     cv2.THRESH_BINARY, 7, 4)
+    return (flat * (edges_hw[..., None] > 0)).astype(np.uint8)
+
+
+def _thermal(rgb_hwc: np.ndarray) -> np.ndarray:
+    gray_hw = cv2.cvtColor(rgb_hwc, cv2.COLOR_RGB2GRAY)
+    bgr = cv2.applyColorMap(cv2.GaussianBlur(gray_hw, (3, 3), 0), cv2.COLORMAP_INFERNO)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _night_vision(rgb_hwc: np.ndarray) -> np.ndarray:
+    gray_hw = cv2.cvtColor(rgb_hwc, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    # Amplified low light: a gamma lift, then green phosphor.
+    lifted_hw = np.sqrt(gray_hw)
+    out = np.stack([0.25 * lifted_hw, lifted_hw, 0.25 * lifted_hw], axis=-1)
+    return np.clip(255.0 * out, 0, 255).astype(np.uint8)
+
+
+_SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]],
+                  np.float32)
+
+
+def _sepia(rgb_hwc: np.ndarray) -> np.ndarray:
+    return np.clip(rgb_hwc.astype(np.float32) @ _SEPIA.T, 0, 255).astype(np.uint8)
+
+
+def _negative(rgb_hwc: np.ndarray) -> np.ndarray:
+    return 255 - rgb_hwc
+
+
+def _edge_glow(rgb_hwc: np.ndarray) -> np.ndarray:
+    gray_hw = cv2.cvtColor(rgb_hwc, cv2.COLOR_RGB2GRAY)
+    edges_hw = cv2.Canny(gray_hw, 60, 150)
+    glow_hw = cv2.GaussianBlur(cv2.dilate(edges_hw, np.ones((2, 2), np.uint8)), (5, 5), 0)
+    dark = (rgb_hwc.astype(np.float32) * 0.3)
+    neon = np.stack([glow_hw, 0.6 * glow_hw, glow_hw], axis=-1).astype(np.float32)
+    return np.clip(dark + 1.5 * neon, 0, 255).astype(np.uint8)
+
+
+TRAIL_DECAY = 0.7
+
+
+def motion_trails(clip_thwc: np.ndarray, decay: float = TRAIL_DECAY) -> np.ndarray:
+    """`y_0 = f(x_0)`, `y_i = decay * y_{i-1} + (1 - decay) * f(x_i)` with `f` a warm tint: moving
+    things leave fading trails behind them. In and out uint8 `[T, H, W, 3]`; the recursion runs in
+    float32 and each output frame is rounded once."""
+    tint = np.array([1.1, 0.95, 0.8], np.float32)
+    f_thwc = np.clip(clip_thwc.astype(np.float32) * tint, 0, 255)
+    out_thwc = np.empty_like(f_thwc)
+    out_thwc[0] = f_thwc[0]
+    for i in range(1, len(f_thwc)):
+        out_thwc[i] = decay * out_thwc[i - 1] + (1 - decay) * f_thwc[i]
+    return np.round(out_thwc).astype(np.uint8)
+
+
+TASKS: tuple[Task, ...] = (
+    Task("pencil_sketch", "a pencil sketch", _per_frame(_pencil_sketch)),
+    Task("stylise", "a watercolor painting", _per_frame(_stylise)),
+    Task("cartoon", "a cartoon with bold outlines", _per_frame(_cartoon)),
+    Task("thermal", "a thermal camera image", _per_frame(_thermal)),
+    Task("night_vision", "green night vision footage", _per_frame(_night_vision)),
+    Task("sepia", "an old sepia photograph", _per_frame(_sepia)),
+    Task("negative", "a photographic negative", _per_frame(_negative)),
+    Task("edge_glow", "glowing neon edges on a dark scene", _per_frame(_edge_glow)),
+    Task("motion_trails", "long exposure motion trails", motion_trails),
+)
+TASK_NAMES = tuple(task.name for task in TASKS)
+
+
+def select_tasks(spec: str) -> tuple[Task, ...]:
+    """The tasks named in `spec`: "all", or comma-separated names from `TASK_NAMES`."""
+    if spec.strip() == "all":
+        return TASKS
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"data.tasks={spec!r}: unknown task(s) {unknown}, expected 'all' or "
+                         f"comma-separated names from {', '.join(TASK_NAMES)}")
+    return tuple(TASKS[TASK_NAMES.index(n)] for n in names)
