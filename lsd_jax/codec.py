@@ -5,8 +5,8 @@ A codec turns uint8 RGB frames `[..., H, W, 3]` (the stream's pixels) into the m
 streaming step; the shape and dtype checks are on static shapes, so they also run at trace time.
 
 - `PixelCodec`: the model space is the pixel grid itself, RGB mapped to `[-1, 1]` (small configs).
-- `oasis_vae`: the Oasis ViT-VAE (360x640 frames -> 16x18x32 latents) needs converted weights and
-  is not available yet; `make_codec` says so.
+- `oasis_vae`: the Oasis ViT-VAE (360x640 frames -> 16x18x32 latents), `lsd_jax.vae.VAECodec`,
+  loaded from a checkpoint written by `lsd convert oasis` (`make_codec(cfg, checkpoint)`).
 
 `resize_and_crop` fits a camera or video frame of any size to the codec's frame size on the host.
 """
@@ -82,15 +82,20 @@ class PixelCodec:
         return jnp.clip(levels, 0, 255).astype(jnp.uint8)
 
 
-def make_codec(cfg: Config) -> PixelCodec:
-    """The codec `cfg.codec` names, sized for `cfg.model`."""
+def make_codec(cfg: Config, checkpoint=None) -> PixelCodec:
+    """The codec `cfg.codec` names, sized for `cfg.model`. `oasis_vae` is the ViT-VAE stored in
+    the model checkpoint directory `checkpoint` by `lsd convert oasis` (`lsd_jax.vae.VAECodec`)."""
     if cfg.codec == "pixel":
         return PixelCodec(cfg.model.frame_height, cfg.model.frame_width)
     if cfg.codec == "oasis_vae":
+        if checkpoint is not None:
+            from lsd_jax.vae import load_codec
+
+            return load_codec(checkpoint)
         raise CodecUnavailableError(
             "codec 'oasis_vae' (the Oasis ViT-VAE: 360x640 frames -> 16x18x32 latents) needs the "
-            "converted vit-l-20 weights, and its loader is not written yet; use a pixel-space "
-            "config such as configs/tiny.py")
+            "converted vit-l-20 weights: a checkpoint written by `lsd convert oasis`, or use a "
+            "pixel-space config such as configs/tiny.py")
     raise CodecUnavailableError(f"codec {cfg.codec!r} is not one of 'pixel', 'oasis_vae'")
 
 
