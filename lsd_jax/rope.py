@@ -24,15 +24,28 @@ def temporal_frequencies(head_dim: int) -> np.ndarray:
     )
 
 
+def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+    """float32 `torch.linspace(start, end, n)` bit for bit: a float32 step, each point one fused
+    multiply-add from the nearer end. Oasis computed its positions this way, and high
+    rotary frequencies (up to 288 pi) turn a one-ulp position difference into 1e-4 rad."""
+    if n == 1:
+        return np.asarray([start], np.float32)
+    step = np.float64(np.float32((end - start) / (n - 1)))
+    i = np.arange(n, dtype=np.float64)
+    from_start = np.float64(np.float32(start)) + step * i
+    from_end = np.float64(np.float32(end)) - step * (n - 1 - i)
+    return np.where(i < n // 2, from_start, from_end).astype(np.float32)
+
+
 def spatial_angles(freqs_f: jnp.ndarray, grid_h: int, grid_w: int) -> jnp.ndarray:
     """Pair angles `[grid_h * grid_w, head_dim/2]` for a row-major token grid.
 
     Rows use positions `linspace(-1, 1, grid_h)` on the first half of the pairs, columns
-    `linspace(-1, 1, grid_w)` on the second half.
+    `linspace(-1, 1, grid_w)` on the second half, computed exactly as torch computes them.
     """
     freqs_f = freqs_f.astype(jnp.float32)
-    rows_hf = jnp.linspace(-1.0, 1.0, grid_h, dtype=jnp.float32)[:, None] * freqs_f
-    cols_wf = jnp.linspace(-1.0, 1.0, grid_w, dtype=jnp.float32)[:, None] * freqs_f
+    rows_hf = jnp.asarray(torch_linspace(-1.0, 1.0, grid_h))[:, None] * freqs_f
+    cols_wf = jnp.asarray(torch_linspace(-1.0, 1.0, grid_w))[:, None] * freqs_f
     rows_nf = jnp.broadcast_to(rows_hf[:, None, :], (grid_h, grid_w, freqs_f.shape[0]))
     cols_nf = jnp.broadcast_to(cols_wf[None, :, :], (grid_h, grid_w, freqs_f.shape[0]))
     return jnp.concatenate([rows_nf, cols_nf], axis=-1).reshape(grid_h * grid_w, -1)

@@ -79,22 +79,11 @@ def rope_frequencies(head_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return (np.linspace(1.0, grid_h * grid_w / 2, head_dim // 8) * np.pi).astype(np.float32)
 
 
-def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
-    """float32 `torch.linspace(start, end, n)` bit for bit: a float32 step, each point one fused
-    multiply-add from the nearer end. The VAE was trained with these positions, and its high
-    frequencies (up to 288 pi) turn a one-ulp position difference into 1e-4 rad."""
-    step = np.float64(np.float32((end - start) / (n - 1)))
-    i = np.arange(n, dtype=np.float64)
-    from_start = np.float64(np.float32(start)) + step * i
-    from_end = np.float64(np.float32(end)) - step * (n - 1 - i)
-    return np.where(i < n // 2, from_start, from_end).astype(np.float32)
-
-
 def rope_angles(head_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """Pair angles `[grid_h * grid_w, head_dim/4]` float32: rows then columns (row-major grid)."""
     freqs_f = rope_frequencies(head_dim, grid_h, grid_w)
-    rows_hf = torch_linspace(-1.0, 1.0, grid_h)[:, None] * freqs_f
-    cols_wf = torch_linspace(-1.0, 1.0, grid_w)[:, None] * freqs_f
+    rows_hf = rope.torch_linspace(-1.0, 1.0, grid_h)[:, None] * freqs_f
+    cols_wf = rope.torch_linspace(-1.0, 1.0, grid_w)[:, None] * freqs_f
     f = freqs_f.shape[0]
     return np.concatenate([np.broadcast_to(rows_hf[:, None], (grid_h, grid_w, f)),
                            np.broadcast_to(cols_wf[None, :], (grid_h, grid_w, f))],
