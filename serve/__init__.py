@@ -1,7 +1,10 @@
 """Serving (DESIGN.md section 4): checkpoint -> jitted (and `jax.export`-ed) streaming step ->
 frame loop.
 
-Sources and sinks for the frame loop (a video file, a webcam, a browser over WebSocket), and the
-export of the step to one artifact (serialized StableHLO lowered for cpu, cuda and tpu, with a small
-JSON header: config, shapes, dtypes, version) that loads without the model code.
+- `export`: the `.lsdx` artifact (serialized `jax.export` steps lowered for cpu, cuda and tpu,
+  the weights, a JSON header) and its loader, which needs no model code (`lsd export`).
+- `engine`: one step interface over a checkpoint, an artifact or an untrained model.
+- `stream`: video file / webcam / packaged demo clip -> output video (`lsd stream`).
+- `server`: the aiohttp server, its frame loop and browser page (`lsd serve`, PROTOCOL.md).
+- `bench`: `lsd bench serve` and `lsd bench long-stream`; `cli`: the commands.
 """

@@ -1,0 +1,170 @@
+"""One streaming step behind `lsd stream` and `lsd serve`, from a checkpoint, an artifact or an
+untrained model.
+
+    engine = load_engine(checkpoint=DIR | artifact=FILE | config=Config)
+    state = engine.init_state(batch)
+    state, out_bhwc_uint8 = engine.step(state, frames_bhwc_uint8, prompt_bp, steps)
+
+The state is the 5-tuple `(cache_k, cache_v, slot, num_valid, rng)` of `StreamState` and is donated.
+An artifact holds fixed (batch, steps) variants (`engine.batches`, `engine.steps`); a model built
+in process compiles any batch size on first use (`engine.batches` is None) and any step count up to
+its maximum.
+
+`canonical_rows`/`batch_rows` let a server keep each session's cache on its own and run the sessions
+that have a frame together: a session's cache is stored rolled so that its next write slot is 0,
+which makes every stored cache agree on `slot` and so stackable along the batch axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsd_jax.config import Config
+
+
+@dataclass
+class Engine:
+    """A streaming step and what a frame loop needs to know about it.
+
+    `describe` says where the weights come from; `untrained` is True for random weights.
+    """
+
+    frame_hw: tuple[int, int]
+    steps: tuple[int, ...]
+    batches: tuple[int, ...] | None
+    describe: str
+    untrained: bool
+    prompt_encoder: object
+    external_dim: int
+    _init_state: object
+    _step_for: object
+
+    @property
+    def max_steps(self) -> int:
+        return max(self.steps)
+
+    def init_state(self, batch: int, seed: int = 0) -> tuple:
+        return tuple(self._init_state(batch, seed))
+
+    def encode_prompts(self, prompts) -> np.ndarray | None:
+        """float32 `[len(prompts), prompt_dim]`, or None when the model takes no prompt."""
+        if self.prompt_encoder is None:
+            return None
+        return self.prompt_encoder.encode_batch(list(prompts))
+
+    def step(self, state, frames_bhwc, prompt_bp=None, steps: int | None = None):
+        """One frame for each of the `b` streams: `(state, out_bhwc_uint8)`; `state` is donated."""
+        steps = self.max_steps if steps is None else steps
+        if steps not in self.steps:
+            raise ValueError(f"steps={steps}, expected one of {list(self.steps)}")
+        external_bx = None
+        if self.external_dim:
+            # A model with per-frame external inputs (Oasis actions) gets "no action" when streamed
+            # from a camera or a file.
+            external_bx = np.zeros((len(frames_bhwc), self.external_dim), np.float32)
+        fn = self._step_for(int(state[3].shape[0]), steps)
+        new_state, out_bhwc = fn(state, frames_bhwc, prompt_bp, external_bx)
+        return tuple(new_state), out_bhwc
+
+    def pick_batch(self, n: int) -> int:
+        """The smallest batch size this engine runs that holds `n` streams."""
+        if self.batches is None:
+            return n
+        fits = [b for b in self.batches if b >= n]
+        if not fits:
+            raise ValueError(f"{n} streams, expected at most {max(self.batches)} (the largest "
+                             f"batch size of this engine: {list(self.batches)})")
+        return min(fits)
+
+
+def untrained_model(cfg: Config, seed: int = 0):
+    """Random weights (`randomize`: the adaLN-Zero init would make the model the identity)."""
+    from flax import nnx
+
+    from lsd_jax.model import DiT, randomize
+
+    return randomize(DiT(cfg.model, rngs=nnx.Rngs(seed)), seed=seed)
+
+
+def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
+                 max_steps: int | None = None) -> Engine:
+    """An engine running `make_step` in process: any batch size, steps 1..`max_steps`."""
+    from flax import nnx
+
+    from lsd_jax.codec import make_codec
+    from lsd_jax.prompt import make_prompt_encoder
+    from lsd_jax.streaming import StreamState, init_stream, make_step
+
+    graphdef, params = nnx.split(model)
+    max_steps = cfg.diffusion.sample_steps if max_steps is None else max_steps
+    steps = {k: make_step(cfg, graphdef, steps=k) for k in range(1, max_steps + 1)}
+
+    def step_for(batch, k):
+        return lambda state, frame, prompt, external: steps[k](params, StreamState(*state), frame,
+                                                              prompt, external)
+
+    return Engine(frame_hw=make_codec(cfg).frame_hw, steps=tuple(steps), batches=None,
+                  describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),
+                  external_dim=cfg.model.external_cond_dim,
+                  _init_state=lambda batch, seed: init_stream(cfg, batch, seed),
+                  _step_for=step_for)
+
+
+def artifact_engine(path: str | Path) -> Engine:
+    """An engine running an exported `.lsdx` step (no model code involved)."""
+    from serve.export import load_artifact
+
+    art = load_artifact(path)
+    untrained = bool(art.header["untrained"])
+    source = art.header["source"] or "unknown weights"
+    return Engine(frame_hw=art.frame_hw, steps=art.steps, batches=art.batches,
+                  describe=f"artifact {path} ({source}; batches {list(art.batches)}, steps "
+                           f"{list(art.steps)})",
+                  untrained=untrained, prompt_encoder=art.prompt_encoder(),
+                  external_dim=art.header["config"]["model"]["external_cond_dim"],
+                  _init_state=art.init_state,
+                  _step_for=lambda batch, k: art.step(batch, k))
+
+
+def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
+                cfg: Config | None = None, max_steps: int | None = None, seed: int = 0) -> Engine:
+    """The engine a command asked for: `artifact`, else `checkpoint`, else an untrained model of
+    `cfg` (until a trained demo model exists; `describe` and `untrained` say so)."""
+    if artifact is not None:
+        return artifact_engine(artifact)
+    if checkpoint is not None:
+        from lsd_jax.checkpoint import load_model
+
+        ckpt_cfg, model = load_model(checkpoint)
+        return model_engine(ckpt_cfg, model, describe=f"checkpoint {checkpoint}",
+                            untrained=False, max_steps=max_steps)
+    return model_engine(cfg, untrained_model(cfg, seed), untrained=True, max_steps=max_steps,
+                        describe=f"UNTRAINED {cfg.name} model (random weights, seed {seed}): no "
+                                 "trained demo model exists yet, so the output is not a style")
+
+
+# ----------------------------------------------------------------------------- session batching
+
+
+@jax.jit
+def batch_rows(cache_k_rows, cache_v_rows, num_valid_rows, rng):
+    """Stack per-session canonical caches `[layers, s, n, h, e]` into one state of `len(rows)`
+    streams whose next write slot is 0."""
+    return (jnp.stack(cache_k_rows, axis=1), jnp.stack(cache_v_rows, axis=1),
+            jnp.zeros((), jnp.int32), jnp.stack(num_valid_rows), rng)
+
+
+@partial(jax.jit, static_argnums=1)
+def canonical_rows(state, rows: int):
+    """Split the first `rows` streams of a state that was stepped from slot 0 back into canonical
+    per-session caches (rolled by one slot so the next write slot is 0 again)."""
+    cache_k, cache_v, _, num_valid, _ = state
+    roll = lambda c: jnp.roll(c, -1, axis=2)  # noqa: E731
+    cache_k, cache_v = roll(cache_k), roll(cache_v)
+    return [(cache_k[:, i], cache_v[:, i], num_valid[i]) for i in range(rows)]

@@ -1,0 +1,292 @@
+"""The exported streaming step (DESIGN.md section 4): one `.lsdx` file, loadable without model code.
+
+    save_artifact(path, cfg, graphdef, params, batches=(1,), steps=(3,), platforms=("cpu",))
+    artifact = load_artifact(path)
+    state = artifact.init_state(batch, seed)
+    state, out_bhwc_uint8 = artifact.step(batch, steps)(state, frame_bhwc_uint8, prompt_bp)
+
+File layout (all integers little-endian):
+
+    8 bytes   magic b"LSDX\\r\\n\\x1a\\n" (a text-mode transfer or a truncation to 0 shows up here)
+    8 bytes   uint64 header length H
+    32 bytes  sha256 of the header
+    H bytes   header: UTF-8 JSON (format, version, config, shapes, dtypes, prompt handling, blobs)
+    blobs     back to back: "weights" (every parameter's raw bytes, C order) and one serialized
+              `jax.export.Exported` per (batch, steps) variant; each blob's offset, size and sha256
+              are in the header, so a truncated or altered file is an error naming what is wrong.
+
+Each exported function takes flat arrays only (the parameters as a list, the stream state as five
+arrays), so deserializing it needs no Flax pytree types and no model code:
+
+    fn(params_list, cache_k, cache_v, slot, num_valid, rng, frame_bhwc_uint8[, prompt_bp]
+       [, external_bx]) -> (cache_k, cache_v, slot, num_valid, rng, out_bhwc_uint8)
+
+Prompts are strings at serve time and a string cannot be an array input, so the prompt encoder runs
+on the host, outside the artifact: the header names it (`hashed` with its dimension: the built-in
+`HashedPromptEncoder`, pure numpy and deterministic on every machine) and the loader rebuilds it.
+The state is that of `lsd_jax.streaming.StreamState` (same fields, same order); a stream is reset by
+setting its `num_valid` entry to 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsd_jax.config import CheckpointError, Config, to_dict
+
+MAGIC = b"LSDX\r\n\x1a\n"
+FORMAT = "lsd-jax-step"
+VERSION = 1
+STATE_FIELDS = ("cache_k", "cache_v", "slot", "num_valid", "rng")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_PREFIX = len(MAGIC) + 8 + 32
+
+
+class ArtifactError(CheckpointError):
+    """A `.lsdx` file that cannot be used: truncated, altered, another format or version, or a
+    (batch, steps) variant it does not hold. The message names the file and what was expected."""
+
+
+def _spec(shape, dtype) -> dict:
+    return {"shape": [int(d) for d in shape], "dtype": np.dtype(dtype).name}
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _variant_name(batch: int, steps: int) -> str:
+    return f"step_b{batch}_k{steps}"
+
+
+def prompt_handling(cfg: Config) -> dict:
+    """How prompt strings become the step's `prompt_bp` input; recorded in the header."""
+    if cfg.model.prompt_dim == 0:
+        return {"encoder": "none", "dim": 0, "runs": "the model takes no prompt"}
+    return {"encoder": "hashed", "dim": cfg.model.prompt_dim,
+            "runs": "on the host, outside the artifact (lsd_jax.prompt.HashedPromptEncoder)"}
+
+
+def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
+    """`make_step`'s jitted step wrapped to take and return flat arrays only."""
+    from lsd_jax.streaming import StreamState, make_step
+
+    step = make_step(cfg, graphdef, steps=steps)
+    has_prompt = cfg.model.prompt_dim > 0
+    has_external = cfg.model.external_cond_dim > 0
+
+    def flat(params_list, cache_k, cache_v, slot, num_valid, rng, frame_bhwc, *extra):
+        params = jax.tree.unflatten(params_treedef, params_list)
+        extra = list(extra)
+        prompt_bp = extra.pop(0) if has_prompt else None
+        external_bx = extra.pop(0) if has_external else None
+        state, out_bhwc = step(params, StreamState(cache_k, cache_v, slot, num_valid, rng),
+                               frame_bhwc, prompt_bp, external_bx)
+        return (*state, out_bhwc)
+
+    return flat
+
+
+def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1,), steps=(3,),
+                  platforms=("cpu",), untrained: bool = False, source: str = "") -> Path:
+    """Export the streaming step of `(graphdef, params)` for every batch size in `batches` and step
+    count in `steps`, lowered for `platforms` together, with the weights, into one file at `path`.
+
+    `params` is the full `nnx.State` of the model (`nnx.split(model)[1]`). Returns the path.
+    """
+    from lsd_jax.codec import make_codec
+    from lsd_jax.streaming import init_stream
+
+    bad = [p for p in platforms if p not in PLATFORMS]
+    if bad or not platforms:
+        raise ArtifactError(f"platforms={','.join(platforms)!r}, expected a comma-separated "
+                            f"subset of {','.join(PLATFORMS)}")
+    leaves, treedef = jax.tree.flatten(params)
+    leaves_np = [np.asarray(leaf) for leaf in leaves]
+    codec = make_codec(cfg)
+    m = cfg.model
+    weights = b"".join(leaf.tobytes() for leaf in leaves_np)
+    params_meta, offset = [], 0
+    for leaf in leaves_np:
+        params_meta.append({**_spec(leaf.shape, leaf.dtype), "offset": offset})
+        offset += leaf.nbytes
+    blobs = {"weights": weights}
+    sds = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
+    shapes: dict[str, dict] = {}
+    for batch in batches:
+        state = init_stream(cfg, batch, 0)
+        args = [[sds(leaf) for leaf in leaves_np], *map(sds, state),
+                jax.ShapeDtypeStruct((batch, *codec.frame_shape), jnp.uint8)]
+        names = [*STATE_FIELDS, "frame_bhwc"]
+        if m.prompt_dim:
+            args.append(jax.ShapeDtypeStruct((batch, m.prompt_dim), jnp.float32))
+            names.append("prompt_bp")
+        if m.external_cond_dim:
+            args.append(jax.ShapeDtypeStruct((batch, m.external_cond_dim), jnp.float32))
+            names.append("external_bx")
+        shapes[str(batch)] = {n: _spec(a.shape, a.dtype) for n, a in zip(names, args[1:],
+                                                                         strict=True)}
+        for k in steps:
+            fn = jax.jit(_flat_step(cfg, graphdef, treedef, k))
+            exported = jax.export.export(fn, platforms=tuple(platforms))(*args)
+            blobs[_variant_name(batch, k)] = bytes(exported.serialize())
+    blob_meta, offset = {}, 0
+    for name, blob in blobs.items():
+        blob_meta[name] = {"offset": offset, "nbytes": len(blob),
+                           "sha256": hashlib.sha256(blob).hexdigest()}
+        offset += len(blob)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "jax_version": jax.__version__,
+        "config": to_dict(cfg),
+        "source": source,
+        "untrained": untrained,
+        "platforms": list(platforms),
+        "batches": sorted(int(b) for b in batches),
+        "steps": sorted(int(k) for k in steps),
+        "frame_shape": list(codec.frame_shape),
+        "inputs_by_batch": shapes,
+        "state_fields": list(STATE_FIELDS),
+        "params": params_meta,
+        "prompt": prompt_handling(cfg),
+        "blobs": blob_meta,
+    }
+    header_bytes = json.dumps(header, indent=1).encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", len(header_bytes))
+                + hashlib.sha256(header_bytes).digest() + header_bytes)
+        for blob in blobs.values():
+            f.write(blob)
+    return path
+
+
+@dataclass
+class Artifact:
+    """A loaded `.lsdx`: the header, the weights and the deserialized step of each variant."""
+
+    path: Path
+    header: dict
+    params_list: list
+    _exported: dict = field(repr=False)
+    _compiled: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return tuple(self.header["frame_shape"][:2])
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return tuple(self.header["batches"])
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(self.header["steps"])
+
+    def prompt_encoder(self):
+        """The host-side prompt encoder the header names, or None when the model takes none."""
+        from lsd_jax.prompt import HashedPromptEncoder
+
+        prompt = self.header["prompt"]
+        if prompt["encoder"] == "none":
+            return None
+        return HashedPromptEncoder(prompt["dim"])
+
+    def init_state(self, batch: int, seed: int = 0) -> tuple:
+        """An empty stream state for `batch` streams: `(cache_k, cache_v, slot, num_valid, rng)`."""
+        shapes = self._inputs(batch)
+        zeros = lambda n: jnp.zeros(shapes[n]["shape"], _dtype(shapes[n]["dtype"]))  # noqa: E731
+        return (zeros("cache_k"), zeros("cache_v"), zeros("slot"), zeros("num_valid"),
+                jax.random.PRNGKey(seed))
+
+    def _inputs(self, batch: int) -> dict:
+        shapes = self.header["inputs_by_batch"].get(str(batch))
+        if shapes is None:
+            raise ArtifactError(f"{str(self.path)!r} holds batch sizes {list(self.batches)}, "
+                                f"not {batch}")
+        return shapes
+
+    def step(self, batch: int, steps: int):
+        """The jitted step for `batch` streams and `steps` denoising steps, the state donated:
+        `(state, frame_bhwc_uint8, prompt_bp=None, external_bx=None) -> (state, out_bhwc)`."""
+        key = (batch, steps)
+        if key not in self._compiled:
+            name = _variant_name(batch, steps)
+            if name not in self._exported:
+                raise ArtifactError(
+                    f"{str(self.path)!r} holds no step for batch {batch} with {steps} steps; it "
+                    f"holds batches {list(self.batches)} x steps {list(self.steps)}")
+            call = self._exported[name].call
+            params_list = self.params_list
+
+            def run(state, frame_bhwc, prompt_bp=None, external_bx=None):
+                extra = [a for a in (prompt_bp, external_bx) if a is not None]
+                *new_state, out_bhwc = call(params_list, *state, frame_bhwc, *extra)
+                return tuple(new_state), out_bhwc
+
+            self._compiled[key] = jax.jit(run, donate_argnums=0)
+        return self._compiled[key]
+
+
+def _fail(path: Path, why: str):
+    raise ArtifactError(f"{str(path)!r} is not a usable lsd step artifact: {why}")
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Read and verify a `.lsdx` file (magic, header hash, format and version, every blob's size
+    and sha256), then deserialize its exported steps. Raises `ArtifactError` naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact {str(path)!r} does not exist (expected a file written by "
+                            "lsd export)")
+    data = path.read_bytes()
+    if len(data) < _PREFIX or data[: len(MAGIC)] != MAGIC:
+        _fail(path, f"it does not start with the {MAGIC!r} magic (or is shorter than "
+                    f"{_PREFIX} bytes): not written by lsd export, or truncated")
+    (header_len,) = struct.unpack("<Q", data[len(MAGIC) : len(MAGIC) + 8])
+    header_bytes = data[_PREFIX : _PREFIX + header_len]
+    if len(header_bytes) != header_len:
+        _fail(path, f"truncated: the header should be {header_len} bytes, the file holds "
+                    f"{len(header_bytes)}")
+    if hashlib.sha256(header_bytes).digest() != data[len(MAGIC) + 8 : _PREFIX]:
+        _fail(path, "the header does not match its sha256: the file was altered")
+    header = json.loads(header_bytes)
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        _fail(path, f"format {header.get('format')!r} version {header.get('version')!r}, this "
+                    f"lsd reads format {FORMAT!r} version {VERSION}")
+    body = memoryview(data)[_PREFIX + header_len :]
+    expected = sum(b["nbytes"] for b in header["blobs"].values())
+    if len(body) != expected:
+        _fail(path, f"{'truncated' if len(body) < expected else 'trailing bytes'}: the header "
+                    f"lists {expected} bytes of weights and steps, the file holds {len(body)}")
+    blobs = {}
+    for name, meta in header["blobs"].items():
+        blob = body[meta["offset"] : meta["offset"] + meta["nbytes"]]
+        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+            _fail(path, f"blob {name!r} does not match its sha256: the file was altered")
+        blobs[name] = blob
+    weights = blobs.pop("weights")
+    params_list = []
+    for p in header["params"]:
+        dtype = _dtype(p["dtype"])
+        count = int(np.prod(p["shape"], dtype=np.int64))
+        array = np.frombuffer(weights, dtype, count, p["offset"]).reshape(p["shape"])
+        params_list.append(jnp.asarray(array))
+    exported = {}
+    for name, blob in blobs.items():
+        try:
+            exported[name] = jax.export.deserialize(bytearray(blob))
+        except Exception as err:  # a newer/older serialization version: say which jax wrote it
+            _fail(path, f"step {name!r} was written by jax {header.get('jax_version')} and cannot "
+                        f"be read by jax {jax.__version__}: {err}")
+    return Artifact(path, header, params_list, exported)

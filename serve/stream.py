@@ -1,0 +1,159 @@
+"""`lsd stream`: a video file, a webcam or the packaged demo clip through the streaming step.
+
+    result = run_stream(engine, "demo" | "webcam" | PATH, "out.mp4", prompt_schedule, ...)
+
+Frames are read with OpenCV, centre-cropped and resized to the model's frame size, streamed one at
+a time through `engine.step` (a batch of one stream) and written to an mp4 (mp4v), optionally beside
+the model's input. The result dict holds the frame count, throughput and per-frame step latency;
+the first frame (which compiles the step) is timed apart from the others.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from pathlib import Path
+
+import cv2
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from lsd_jax.codec import resize_and_crop
+from lsd_jax.config import ConfigError
+
+
+class StreamInputError(ConfigError):
+    """An input or output that cannot be opened, or a bad prompt schedule; names it."""
+
+
+def demo_clip() -> Path:
+    """The sample clip shipped in the package (`serve/assets/demo.mp4`, 192 frames, 24 fps)."""
+    return Path(str(importlib.resources.files("serve").joinpath("assets/demo.mp4")))
+
+
+def parse_prompt_schedule(prompt: str | None, schedule: str | None) -> list[tuple[int, str]]:
+    """`"0:pencil sketch,120:thermal"` -> `[(0, "pencil sketch"), (120, "thermal")]`.
+
+    Entries are `FRAME:PROMPT`, frames strictly increasing; `prompt` holds from frame 0 until the
+    first entry (the schedule must start at 0 when no prompt is given).
+    """
+    entries = [] if prompt is None else [(0, prompt)]
+    if schedule:
+        for part in schedule.split(","):
+            frame, sep, text = part.partition(":")
+            if not sep or not frame.strip().isdigit() or not text.strip():
+                raise StreamInputError(f"prompt schedule entry {part!r}, expected FRAME:PROMPT "
+                                       "such as 120:thermal")
+            entries.append((int(frame), text.strip()))
+        if prompt is not None and entries[1][0] == 0:
+            entries.pop(0)
+    if not entries or entries[0][0] != 0:
+        raise StreamInputError("no prompt for frame 0: give --prompt, or a --prompt-schedule "
+                               "starting with 0:PROMPT")
+    frames = [f for f, _ in entries]
+    if frames != sorted(set(frames)):
+        raise StreamInputError(f"prompt schedule frames {frames}, expected strictly increasing")
+    return entries
+
+
+def prompt_at(schedule: list[tuple[int, str]], frame: int) -> str:
+    return [p for f, p in schedule if f <= frame][-1]
+
+
+def open_source(spec: str):
+    """`(capture, fps, frame_count or None, name)` for `demo`, `webcam` or a video file path."""
+    if spec == "webcam":
+        capture, name = cv2.VideoCapture(0), "webcam 0"
+    else:
+        path = demo_clip() if spec == "demo" else Path(spec)
+        if not path.is_file():
+            raise StreamInputError(f"input {spec!r}: no such file (expected a video file, "
+                                   "'webcam' or 'demo')")
+        capture, name = cv2.VideoCapture(str(path)), str(path)
+    if not capture.isOpened():
+        raise StreamInputError(f"input {name!r} cannot be opened by OpenCV (expected a readable "
+                               "video file or a camera at /dev/video0)")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    return capture, fps, (count if count > 0 and spec != "webcam" else None), name
+
+
+def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, str]], *,
+               steps: int | None = None, side_by_side: bool = False,
+               max_frames: int | None = None, show_progress: bool = True, seed: int = 0) -> dict:
+    """Stream `source` through `engine` into the video `out`; returns the figures as a dict.
+
+    `steps` is the denoising steps per frame (default the engine's maximum); `max_frames` stops
+    early (a webcam runs until it or Ctrl-C). Latencies are of the step alone, blocked on.
+    """
+    steps = engine.max_steps if steps is None else steps
+    if steps not in engine.steps:
+        raise StreamInputError(f"--steps {steps}, expected one of {list(engine.steps)} for "
+                               f"{engine.describe}")
+    capture, fps, count, name = open_source(source)
+    total = count if max_frames is None else min(count or max_frames, max_frames)
+    height, width = engine.frame_hw
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_w = 2 * width if side_by_side else width
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (out_w, height))
+    if not writer.isOpened():
+        raise StreamInputError(f"output {str(out)!r} cannot be written by OpenCV (expected a "
+                               "writable .mp4 path)")
+    state = engine.init_state(engine.pick_batch(1), seed)
+    pad = state[3].shape[0] - 1  # an artifact without batch 1 runs its smallest batch, padded
+    latencies_s, first_frame_s, frames = [], None, 0
+    bar = Progress(console=Console(stderr=True), refresh_per_second=4, transient=True,
+                   disable=not show_progress)
+    task = bar.add_task(f"{name} -> {out.name}", total=total)
+    start = time.perf_counter()
+    try:
+        with bar:
+            while max_frames is None or frames < max_frames:
+                ok, frame_bgr = capture.read()
+                if not ok:
+                    break
+                frame_hwc = resize_and_crop(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB),
+                                            height, width)
+                frames_bhwc = np.concatenate([frame_hwc[None]] * (1 + pad))
+                prompt_bp = engine.encode_prompts([prompt_at(schedule, frames)] * (1 + pad))
+                t0 = time.perf_counter()
+                state, out_bhwc = engine.step(state, frames_bhwc, prompt_bp, steps)
+                out_hwc = np.asarray(jax.block_until_ready(out_bhwc))[0]
+                elapsed = time.perf_counter() - t0
+                if first_frame_s is None:
+                    first_frame_s = elapsed
+                else:
+                    latencies_s.append(elapsed)
+                shown = np.concatenate([frame_hwc, out_hwc], axis=1) if side_by_side else out_hwc
+                writer.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+                frames += 1
+                bar.update(task, advance=1)
+    except KeyboardInterrupt:
+        pass  # a webcam stream ends with Ctrl-C; what was streamed so far is written
+    finally:
+        wall_s = time.perf_counter() - start
+        capture.release()
+        writer.release()
+    if frames == 0:
+        raise StreamInputError(f"input {name!r} gave no frames")
+    ms = 1e3 * np.asarray(latencies_s or [first_frame_s])
+    return {
+        "input": name,
+        "out": str(out),
+        "frames": frames,
+        "frame_shape": [height, width, 3],
+        "steps": steps,
+        "engine": engine.describe,
+        "untrained": engine.untrained,
+        "prompt_schedule": [[f, p] for f, p in schedule],
+        "side_by_side": side_by_side,
+        "first_frame_s": first_frame_s,
+        "ms_per_frame": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                         "mean": float(ms.mean())},
+        "step_fps": float(1e3 / ms.mean()),
+        "fps": frames / wall_s,
+        "wall_s": wall_s,
+    }

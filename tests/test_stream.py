@@ -1,0 +1,121 @@
+"""`lsd stream`: the packaged demo clip, prompt schedules, side-by-side output, the same stream from
+an exported artifact, and one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from lsd_jax.cli import main
+from serve.stream import StreamInputError, demo_clip, parse_prompt_schedule, prompt_at
+
+
+def read_video(path) -> list[np.ndarray]:
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+
+
+def test_prompt_schedule():
+    assert parse_prompt_schedule(None, "0:pencil sketch,120:thermal") == [
+        (0, "pencil sketch"), (120, "thermal")]
+    schedule = parse_prompt_schedule("oil paint", "30: ink ,90:neon")
+    assert schedule == [(0, "oil paint"), (30, "ink"), (90, "neon")]
+    assert [prompt_at(schedule, f) for f in (0, 29, 30, 89, 90, 10_000)] == [
+        "oil paint", "oil paint", "ink", "ink", "neon", "neon"]
+    assert parse_prompt_schedule("a", "0:b") == [(0, "b")]
+    for prompt, text, message in [(None, "5:ink", "no prompt for frame 0"),
+                                  (None, None, "no prompt for frame 0"),
+                                  ("a", "ten:ink", "entry 'ten:ink', expected FRAME:PROMPT"),
+                                  ("a", "9:", "entry '9:'"),
+                                  ("a", "9:x,4:y", r"frames \[0, 9, 4\], expected strictly")]:
+        with pytest.raises(StreamInputError, match=message):
+            parse_prompt_schedule(prompt, text)
+
+
+def test_demo_clip_is_packaged():
+    """The clip ships with the package: under 1 MB, 192 frames of 192x144 at 24 fps."""
+    path = demo_clip()
+    assert path.is_file() and path.stat().st_size < 1_000_000
+    frames = read_video(path)
+    assert len(frames) == 192 and frames[0].shape == (144, 192, 3)
+    assert cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FPS) == 24
+    assert np.abs(frames[0].astype(int) - frames[100].astype(int)).mean() > 20
+
+
+@pytest.mark.slow
+def test_stream_demo_side_by_side_json(tmp_path, capsys):
+    """`lsd stream --input demo` with a schedule, side by side: 24 frames of 128x64, the left
+    half the model's input (the clip cropped and scaled), the right half the untrained model's
+    output, and JSON saying the model is untrained."""
+    out = tmp_path / "demo.mp4"
+    assert main(["stream", "--input", "demo", "--prompt-schedule", "0:pencil sketch,12:thermal",
+                 "--out", str(out), "--side-by-side", "--max-frames", "24", "--steps", "2",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "UNTRAINED" in captured.err
+    assert result["untrained"] and result["frames"] == 24 and result["steps"] == 2
+    assert result["prompt_schedule"] == [[0, "pencil sketch"], [12, "thermal"]]
+    assert 0 < result["ms_per_frame"]["p50"] <= result["ms_per_frame"]["p99"]
+    assert result["fps"] > 0 and result["first_frame_s"] > 0
+    frames = read_video(out)
+    assert len(frames) == 24 and frames[0].shape == (64, 128, 3)
+    from lsd_jax.codec import resize_and_crop
+
+    clip = read_video(demo_clip())[:24]
+    for frame, source in zip(frames, clip, strict=True):
+        left, right = frame[:, :64].astype(int), frame[:, 64:].astype(int)
+        # mp4v at 64 pixels is lossy (mean errors of 5 to 15 levels beside the noisy output
+        # half): the left half is the scaled input within that, and far from the output half.
+        input_err = np.abs(left - resize_and_crop(source, 64, 64)).mean()
+        assert input_err < 20 and 4 * input_err < np.abs(left - right).mean()
+
+
+@pytest.mark.slow
+def test_stream_from_artifact_equals_untrained_model(tmp_path, capsys):
+    """A video file of another size (cropped and scaled on the way in) streamed through an
+    exported artifact gives the same frames as the same untrained model run in process."""
+    rng = np.random.default_rng(3)
+    video = tmp_path / "in.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (150, 100))
+    for small in rng.integers(0, 256, (10, 10, 15, 3), dtype=np.uint8):
+        writer.write(cv2.resize(small, (150, 100), interpolation=cv2.INTER_CUBIC))
+    writer.release()
+    artifact = tmp_path / "tiny.lsdx"
+    assert main(["export", "--out", str(artifact), "--platforms", "cpu", "--steps", "1",
+                 "--seed", "4"]) == 0
+    common = ["--input", str(video), "--prompt", "ink", "--steps", "1", "--seed", "4",
+              "--no-progress"]
+    assert main(["stream", "--artifact", str(artifact), "--out", str(tmp_path / "a.mp4"),
+                 *common]) == 0
+    assert main(["stream", "--out", str(tmp_path / "m.mp4"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("10 frames") == 2 and "UNTRAINED" in printed
+    from_artifact, in_process = read_video(tmp_path / "a.mp4"), read_video(tmp_path / "m.mp4")
+    assert len(from_artifact) == len(in_process) == 10
+    for a, b in zip(from_artifact, in_process, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stream_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["stream", "--input", str(tmp_path / "none.mp4"), "--prompt", "x",
+                 "--out", str(tmp_path / "o.mp4")]) == 2
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_text("not a video")
+    assert main(["stream", "--input", str(not_video), "--prompt", "x",
+                 "--out", str(tmp_path / "o.mp4")]) == 2
+    assert main(["stream", "--input", "demo", "--prompt-schedule", "3:x",
+                 "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("lsd: error: ")]
+    assert len(errors) == 3, err
+    assert "none.mp4" in errors[0] and "no such file" in errors[0]
+    assert "notes.mp4" in errors[1]
+    assert "no prompt for frame 0" in errors[2]
