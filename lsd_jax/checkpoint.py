@@ -77,13 +77,18 @@ def load_model(directory: str | Path, overrides=()) -> tuple[Config, DiT]:
     cfg = load_config_from(directory, overrides)
     if not (directory / "params").is_dir():
         raise CheckpointError(f"{str(directory)!r} has no params/ directory")
-    model = abstract_model(cfg.model)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                          nnx.state(model, nnx.Param))
+    params = restore_params(directory / "params", nnx.state(abstract_model(cfg.model), nnx.Param),
+                            "the config")
+    return cfg, model_from_params(cfg.model, params)
+
+
+def restore_params(path: Path, abstract_params, described_by: str):
+    """Restore an orbax checkpoint of parameters onto the shapes/dtypes of `abstract_params`;
+    a mismatch is a `CheckpointError` naming the directory and what the shapes came from."""
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            params = ckptr.restore(directory / "params", target)
+            return ckptr.restore(path, target)
         except ValueError as err:
-            raise CheckpointError(f"{str(directory)!r}: weights do not fit the config: "
+            raise CheckpointError(f"{str(path.parent)!r}: weights do not fit {described_by}: "
                                   f"{err}") from None
-    return cfg, model_from_params(cfg.model, params)

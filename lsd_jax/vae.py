@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lsd_jax import rope
+from lsd_jax.checkpoint import restore_params
 from lsd_jax.codec import check_frames
 from lsd_jax.config import CheckpointError, ConfigError
 
@@ -246,14 +247,7 @@ def load_vae(directory: str | Path) -> OasisVAE:
     cfg = VAEConfig(**meta["config"])
     abstract = nnx.eval_shape(lambda: OasisVAE(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
-            params = ckptr.restore(directory / "vae", target)
-        except ValueError as err:
-            raise CheckpointError(f"{str(directory)!r}: VAE weights do not fit vae.json: "
-                                  f"{err}") from None
-    return nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, restore_params(directory / "vae", abstract_params, "vae.json"))
 
 
 def load_codec(directory: str | Path) -> VAECodec:
