@@ -5,8 +5,13 @@ A causal video DiT that turns a live stream into a restyled stream, one frame at
 - `config`: the typed config tree, config files and `key.path=value` overrides;
 - `model`: the causal spatio-temporal DiT; `attention`, `rope`: its attention and rotary parts;
 - `diffusion`: rectified flow and DDPM v-prediction behind one interface;
+- `objectives`: Diffusion Forcing levels, history augmentation, shortcut targets, the loss;
 - `streaming`: the ring-buffer KV cache and the jitted per-frame step;
-- `codec`: frames <-> model space; `prompt`: prompt encoders;
+- `checkpoint`: model checkpoints (config + orbax parameters);
+- `codec`: frames <-> model space; `vae`: the Oasis ViT-VAE and its codec;
+- `prompt`: prompt encoders;
+- `convert`, `torch_ref`, `parity`, `oasis`: Oasis/PyTorch weight conversion, the PyTorch
+  reference (torch extra), parity checks, and Oasis as an action-conditioned world model;
 - `flops`: analytic and compiled-HLO FLOP counts; `bench`: the step benchmark; `cli`: `lsd`.
 """
 
