@@ -9,8 +9,9 @@
     lsd bench long-stream [--frames 10000] [--json]
 
 Every command takes the model from `--artifact FILE` (an exported step), `--checkpoint DIR` (a
-model checkpoint) or, with neither, an untrained model of `--config` (default `tiny`, with
-`key.path=value` overrides), and says so. Heavy imports stay inside the run functions.
+model checkpoint), `--config NAME` (an UNTRAINED model of that config, random weights, with
+`key.path=value` overrides) or, with none of them, the built-in demo model (`lsd_jax/demo.py`),
+and says which. Heavy imports stay inside the run functions.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def _add_model_source(parser: argparse.ArgumentParser, *, artifact: bool = True)
     if artifact:
         source.add_argument("--artifact", metavar="FILE", help="exported step (.lsdx) from lsd "
                                                                "export")
-    parser.add_argument("--config", default="tiny",
-                        help="config of the untrained model used without --checkpoint/--artifact "
-                             "(default tiny)")
+    parser.add_argument("--config", default=None,
+                        help="run an UNTRAINED model of this config (random weights) instead of "
+                             "the built-in demo model")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override a field of --config")
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained model and of "
@@ -52,7 +53,13 @@ def _engine(args, max_steps: int | None = None):
 
     cfg = None
     if getattr(args, "artifact", None) is None and args.checkpoint is None:
-        cfg = config_from_args(args)
+        if args.config is not None:
+            cfg = config_from_args(args)
+        elif args.overrides:
+            from lsd_jax.config import ConfigError
+
+            raise ConfigError(f"overrides {' '.join(args.overrides)} need --config (they apply "
+                              "to an untrained model of that config)")
     return load_engine(checkpoint=args.checkpoint, artifact=getattr(args, "artifact", None),
                        cfg=cfg, max_steps=max_steps, seed=args.seed)
 
@@ -77,6 +84,12 @@ def _run_export(args) -> int:
 
         cfg, model = load_model(args.checkpoint)
         source, untrained = f"checkpoint {args.checkpoint}", False
+    elif args.config is None:
+        from lsd_jax.demo import demo_model_dir, load_demo_model
+
+        cfg, model = load_demo_model()
+        source, untrained = f"built-in demo model {demo_model_dir()}", False
+        _say(f"lsd export: no --checkpoint, exporting the {source}")
     else:
         cfg = config_from_args(args)
         model = untrained_model(cfg, args.seed)
@@ -108,12 +121,26 @@ def _run_export(args) -> int:
 # ----------------------------------------------------------------------------- lsd stream
 
 
+def _note_demo_prompts(prompts: list[str]) -> None:
+    """The demo model was trained on the nine prompts of `train/tasks.py`; say so when asked for
+    another (the hashed encoder still embeds it, between the styles it shares words with)."""
+    from train.tasks import TASKS
+
+    known = [t.prompt for t in TASKS]
+    unknown = sorted({p for p in prompts if p.strip().lower() not in known})
+    if unknown:
+        _say(f"lsd stream: note: the demo model was trained on the prompts {known}; "
+             f"{unknown} will blend the styles whose words they share")
+
+
 def _run_stream(args) -> int:
     from serve.stream import parse_prompt_schedule, run_stream
 
     schedule = parse_prompt_schedule(args.prompt, args.prompt_schedule)
     engine = _engine(args, max_steps=args.steps)
     _say(f"lsd stream: {engine.describe}")
+    if engine.describe.startswith("built-in demo model"):
+        _note_demo_prompts([p for _, p in schedule])
     result = run_stream(engine, args.input, args.out, schedule, steps=args.steps,
                         side_by_side=args.side_by_side, max_frames=args.max_frames,
                         show_progress=not args.no_progress and not args.json, seed=args.seed)

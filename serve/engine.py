@@ -135,7 +135,7 @@ def artifact_engine(path: str | Path) -> Engine:
 def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
                 cfg: Config | None = None, max_steps: int | None = None, seed: int = 0) -> Engine:
     """The engine a command asked for: `artifact`, else `checkpoint`, else an untrained model of
-    `cfg` (until a trained demo model exists; `describe` and `untrained` say so)."""
+    `cfg` (`describe` and `untrained` say so), else the built-in demo model."""
     if artifact is not None:
         return artifact_engine(artifact)
     if checkpoint is not None:
@@ -144,9 +144,15 @@ def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
         ckpt_cfg, model = load_model(checkpoint)
         return model_engine(ckpt_cfg, model, describe=f"checkpoint {checkpoint}",
                             untrained=False, max_steps=max_steps)
+    if cfg is None:
+        from lsd_jax.demo import demo_model_dir, load_demo_model
+
+        demo_cfg, model = load_demo_model()
+        return model_engine(demo_cfg, model, describe=f"built-in demo model {demo_model_dir()}",
+                            untrained=False, max_steps=max_steps)
     return model_engine(cfg, untrained_model(cfg, seed), untrained=True, max_steps=max_steps,
-                        describe=f"UNTRAINED {cfg.name} model (random weights, seed {seed}): no "
-                                 "trained demo model exists yet, so the output is not a style")
+                        describe=f"UNTRAINED {cfg.name} model (random weights, seed {seed}): "
+                                 "the output shows the pipeline running, not a style")
 
 
 # ----------------------------------------------------------------------------- session batching

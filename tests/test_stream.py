@@ -51,17 +51,17 @@ def test_demo_clip_is_packaged():
 
 @pytest.mark.slow
 def test_stream_demo_side_by_side_json(tmp_path, capsys):
-    """`lsd stream --input demo` with a schedule, side by side: 24 frames of 128x64, the left
-    half the model's input (the clip cropped and scaled), the right half the untrained model's
-    output, and JSON saying the model is untrained."""
+    """`lsd stream --input demo` with a schedule, side by side, and no model named: the built-in
+    demo model streams 24 frames of 128x64, the left half the model's input (the clip cropped
+    and scaled), the right half its output, and the JSON says the model is trained."""
     out = tmp_path / "demo.mp4"
     assert main(["stream", "--input", "demo", "--prompt-schedule", "0:pencil sketch,12:thermal",
                  "--out", str(out), "--side-by-side", "--max-frames", "24", "--steps", "2",
                  "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert "UNTRAINED" in captured.err
-    assert result["untrained"] and result["frames"] == 24 and result["steps"] == 2
+    assert "built-in demo model" in captured.err and "UNTRAINED" not in captured.err
+    assert not result["untrained"] and result["frames"] == 24 and result["steps"] == 2
     assert result["prompt_schedule"] == [[0, "pencil sketch"], [12, "thermal"]]
     assert 0 < result["ms_per_frame"]["p50"] <= result["ms_per_frame"]["p99"]
     assert result["fps"] > 0 and result["first_frame_s"] > 0
@@ -72,16 +72,18 @@ def test_stream_demo_side_by_side_json(tmp_path, capsys):
     clip = read_video(demo_clip())[:24]
     for frame, source in zip(frames, clip, strict=True):
         left, right = frame[:, :64].astype(int), frame[:, 64:].astype(int)
-        # mp4v at 64 pixels is lossy (mean errors of 5 to 15 levels beside the noisy output
+        # mp4v at 64 pixels is lossy (mean errors of 5 to 15 levels beside the restyled output
         # half): the left half is the scaled input within that, and far from the output half.
         input_err = np.abs(left - resize_and_crop(source, 64, 64)).mean()
         assert input_err < 20 and 4 * input_err < np.abs(left - right).mean()
 
 
 @pytest.mark.slow
-def test_stream_from_artifact_equals_untrained_model(tmp_path, capsys):
+def test_stream_from_artifact_equals_the_model_in_process(tmp_path, capsys):
     """A video file of another size (cropped and scaled on the way in) streamed through an
-    exported artifact gives the same frames as the same untrained model run in process."""
+    exported artifact gives the same frames as the same model run in process: the built-in demo
+    model for both, as neither command names a model; and `--config tiny` is an untrained
+    model, said so."""
     rng = np.random.default_rng(3)
     video = tmp_path / "in.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (150, 100))
@@ -97,7 +99,9 @@ def test_stream_from_artifact_equals_untrained_model(tmp_path, capsys):
                  *common]) == 0
     assert main(["stream", "--out", str(tmp_path / "m.mp4"), *common]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("10 frames") == 2 and "UNTRAINED" in printed
+    assert printed.count("10 frames") == 2 and "UNTRAINED" not in printed
+    assert main(["stream", "--config", "tiny", "--out", str(tmp_path / "u.mp4"), *common]) == 0
+    assert "UNTRAINED" in capsys.readouterr().out
     from_artifact, in_process = read_video(tmp_path / "a.mp4"), read_video(tmp_path / "m.mp4")
     assert len(from_artifact) == len(in_process) == 10
     for a, b in zip(from_artifact, in_process, strict=True):

@@ -165,3 +165,24 @@ def test_loss_falls_on_paired_procedural_data(tmp_path, repo_root):
                                                                           "run").items())]
     first, last = np.mean(losses[:20]), np.mean(losses[-40:])
     assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_eval_loads_the_ema_of_a_training_step(uninterrupted):
+    """`lsd eval --checkpoint WORKDIR@STEP` evaluates exactly the EMA weights of that checkpoint;
+    a step that was not saved is an error naming the steps there are."""
+    from flax import nnx
+
+    from lsd_jax.config import CheckpointError
+    from train.evaluate import resolve_model
+
+    model = resolve_model(f"ema10={uninterrupted}@10")
+    assert model.label == "ema10" and model.cfg.model.hidden_size == 32
+    ema = _restore_state(uninterrupted, 10)["ema"]
+    got = nnx.to_pure_dict(nnx.state(nnx.merge(model.graphdef, model.state), nnx.Param))
+    flat_got, flat_ema = jax.tree.leaves(got), jax.tree.leaves(ema)
+    assert len(flat_got) == len(flat_ema) > 0
+    for a, b in zip(flat_got, flat_ema, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 7 .*\[5, 10, 15, 20\]"):
+        resolve_model(f"{uninterrupted}@7")

@@ -30,8 +30,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}, expected comma-separated integers such as "
+                                         "1,2,3,4,8,12") from None
+    if not values or min(values) < 1 or max(values) > 128:
+        raise argparse.ArgumentTypeError(f"{text!r}, expected step counts in 1..128")
+    return values
+
+
 def register(commands, add_command, bench) -> None:
-    """Add `lsd train` and `lsd bench train` to the `lsd` command (see `lsd_jax/cli.py`)."""
+    """Add `lsd train`, `lsd eval` and `lsd bench train` to the `lsd` command (see
+    `lsd_jax/cli.py`)."""
+    _register_eval(commands)
     bench_train = add_command(bench, "train", _run_bench_train,
                               "frames/s and FLOP utilisation of the sharded train step")
     bench_train.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
@@ -143,3 +156,112 @@ def _run_bench_train(args: argparse.Namespace) -> int:
     for label, text in rows:
         print(f"{label:<{width}}  {text}")
     return 0
+
+
+# ----------------------------------------------------------------------------- lsd eval
+
+
+def _register_eval(commands) -> None:
+    parser = commands.add_parser(
+        "eval", help="held-out quality (PSNR/SSIM/flicker by steps) or long-stream drift",
+        description="lsd eval [quality]: PSNR, SSIM and flicker per prompt on held-out clips at "
+                    "several step counts. lsd eval drift: PSNR over an endless held-out stream. "
+                    "Tables and plots go to --out and into a section of --report.")
+    parser.add_argument("what", nargs="?", choices=("quality", "drift"), default="quality")
+    parser.add_argument("--checkpoint", action="append", metavar="[NAME=]SPEC",
+                        help="model: 'demo' (built in, the default), a model directory, a "
+                             "training work directory, or WORKDIR@STEP; repeat to compare")
+    parser.add_argument("--steps", type=_int_list, default=None,
+                        help="denoising steps: a list for quality (default 1,2,3,4,8,12), one "
+                             "count for drift (default 3)")
+    parser.add_argument("--clips", type=_positive_int, default=4,
+                        help="held-out clips per task (quality)")
+    parser.add_argument("--frames", type=_positive_int, default=None,
+                        help="frames per clip (quality, default 24) or in the stream (drift, "
+                             "default 3000)")
+    parser.add_argument("--tasks", default="all", help="tasks (quality): all or names")
+    parser.add_argument("--task", default="motion_trails",
+                        help="task of the drift stream (default motion_trails, the task that "
+                             "depends on the model's own past outputs)")
+    parser.add_argument("--period", type=_positive_int, default=1000,
+                        help="period of the drift camera path, frames (first/last windows)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="docs/eval", help="directory for JSON, PNG and npz")
+    parser.add_argument("--report", default="EVAL.md",
+                        help="markdown file whose section --section is (re)written")
+    parser.add_argument("--section", default=None,
+                        help="name of the report section and file prefix (default: quality or "
+                             "drift)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.set_defaults(run=_run_eval, overrides=[])
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from lsd_jax.config import ConfigError
+    from train import eval_report, evaluate
+
+    specs = args.checkpoint or ["demo"]
+    out_dir, report = Path(args.out), Path(args.report)
+    section = args.section or args.what
+    models = [evaluate.resolve_model(spec) for spec in specs]
+
+    def rel(path: Path) -> str:
+        return os.path.relpath(path.absolute(), report.absolute().parent)
+
+    if args.what == "quality":
+        steps = args.steps or evaluate.QUALITY_STEPS
+        results = [evaluate.evaluate_quality(m, steps_list=steps, clips=args.clips,
+                                             frames=args.frames or 24, seed=args.seed,
+                                             tasks=args.tasks, progress=not args.no_progress)
+                   for m in models]
+        plot = eval_report.plot_quality(results, out_dir / f"{section}_psnr.png")
+        strips = eval_report.strips_png(results[0], out_dir / f"{section}_strips.png")
+        pictures = {"PSNR by denoising steps": rel(plot),
+                    f"input | output | target, {results[0]['model']}": rel(strips)}
+        body = eval_report.quality_markdown(results, pictures=pictures)
+        k3 = 3 if 3 in steps else steps[0]
+        kmax = max(steps)
+        for r in results:
+            s = r["summary"]
+            print(f"{r['model']}: per-frame tasks {s[k3]['per_frame_psnr']:.2f} dB, temporal "
+                  f"{s[k3]['temporal_psnr']:.2f} dB at {k3} steps; per-frame "
+                  f"{s[kmax]['per_frame_psnr']:.2f} dB at {kmax} steps", file=sys.stderr)
+    else:
+        if args.steps is not None and len(args.steps) != 1:
+            raise ConfigError(f"lsd eval drift --steps {','.join(map(str, args.steps))}: "
+                              "expected one step count")
+        steps = args.steps[0] if args.steps else 3
+        frames = args.frames or 3000
+        results = []
+        for m in models:
+            r = evaluate.evaluate_drift(m, frames=frames, steps=steps, task=args.task,
+                                        period=args.period, seed=args.seed,
+                                        progress=not args.no_progress)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out_dir / f"{section}_{_slug(m.label)}_psnr.npz", psnr=r["psnr"])
+            results.append(r)
+            print(f"{m.label}: PSNR first {args.period} {r['first_mean']:.2f} dB, last "
+                  f"{r['last_mean']:.2f} dB ({r['delta_db']:+.2f}) over {frames:,} frames",
+                  file=sys.stderr)
+        plot = eval_report.plot_drift(results, out_dir / f"{section}.png")
+        body = eval_report.drift_markdown(results, pictures={"PSNR over the stream": rel(plot)})
+    payload = [evaluate.json_ready(r) for r in results]
+    evaluate.save_json(out_dir / f"{section}.json", payload)
+    command = "lsd eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
+    if command:
+        body = f"`{command}`\n\n" + body
+    evaluate.replace_section(report, section, body)
+    print(f"wrote {report} (section {section}) and {out_dir}/{section}*", file=sys.stderr)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    return 0
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)

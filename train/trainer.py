@@ -89,6 +89,13 @@ def abstract_params(cfg: Config) -> dict:
     return nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param))
 
 
+def ema_decay(cfg: Config, step):
+    """The EMA decay of update `step` (0-based): `min(train.ema_decay, (1 + n) / (10 + n))`, so the
+    average forgets the initialisation within the first few hundred steps of a short run."""
+    n = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(cfg.train.ema_decay, (1.0 + n) / (10.0 + n))
+
+
 def make_train_step(cfg: Config):
     """`train_step(state, batch) -> (state, metrics)`, unjitted.
 
@@ -113,7 +120,7 @@ def make_train_step(cfg: Config):
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = optax.incremental_update(params, state["ema"], 1.0 - cfg.train.ema_decay)
+        ema = optax.incremental_update(params, state["ema"], 1.0 - ema_decay(cfg, step))
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
         return {"step": step + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 

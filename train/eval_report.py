@@ -1,0 +1,185 @@
+"""Tables (markdown) and pictures (PNG) of `lsd eval` results; see `train/evaluate.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from train.evaluate import TEMPORAL_TASKS
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
+    """Markdown: per model a task x steps PSNR table, then SSIM and flicker at the sample step
+    count, and (several models) one side-by-side summary table."""
+    lines = []
+    first = results[0]
+    lines.append(f"Held-out split: {first['clips']} clips x {first['frames']} frames per task "
+                 f"(procedural, photographs and camera seeds never trained on), seed "
+                 f"{first['seed']}. PSNR/SSIM per output frame against the target frame, 8-bit "
+                 "range; flicker = mean |(out_i - out_i-1) - (target_i - target_i-1)| in 8-bit "
+                 "levels. Temporal task: " + ", ".join(TEMPORAL_TASKS) + ".")
+    lines.append("")
+    for res in results:
+        ks = res["steps_list"]
+        kk = res["sample_steps"]
+        lines.append(f"**{res['model']}** (`{res['spec']}`, config {res['config']}): PSNR (dB) "
+                     f"by denoising steps; SSIM and flicker at {kk} steps")
+        lines.append("")
+        lines.append("| task | prompt | " + " | ".join(f"{k} steps" for k in ks)
+                     + f" | SSIM@{kk} | flicker@{kk} |")
+        lines.append("|---|---|" + "---:|" * (len(ks) + 2))
+        for name, task in res["tasks"].items():
+            cells = " | ".join(f"{task['steps'][k]['psnr']:.2f}" for k in ks)
+            lines.append(f"| {name} | {task['prompt']} | {cells} | "
+                         f"{task['steps'][kk]['ssim']:.3f} | {task['steps'][kk]['flicker']:.2f} |")
+        s = res["summary"]
+        lines.append("| **mean, per-frame tasks** | | " + " | ".join(
+            f"**{s[k]['per_frame_psnr']:.2f}**" for k in ks) + " | | |")
+        lines.append("| **temporal task** | | " + " | ".join(
+            f"**{s[k]['temporal_psnr']:.2f}**" for k in ks) + " | | |")
+        lines.append("")
+    if len(results) > 1:
+        kk = results[0]["sample_steps"]
+        lines.append(f"Side by side at {kk} steps:")
+        lines.append("")
+        lines.append("| model | per-frame tasks PSNR | temporal PSNR | mean SSIM | mean flicker |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for res in results:
+            s = res["summary"][kk]
+            lines.append(f"| {res['model']} | {s['per_frame_psnr']:.2f} | "
+                         f"{s['temporal_psnr']:.2f} | {s['mean_ssim']:.3f} | "
+                         f"{s['mean_flicker']:.2f} |")
+        lines.append("")
+    for title, path in pictures.items():
+        lines.append(f"![{title}]({path})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_quality(results: list[dict], path: Path) -> Path:
+    """PSNR against denoising steps: per task for the first model; the per-frame mean and the
+    temporal task of every model in a second panel."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    res = results[0]
+    ks = res["steps_list"]
+    for name, task in res["tasks"].items():
+        axes[0].plot(ks, [task["steps"][k]["psnr"] for k in ks], marker="o", label=name,
+                     linestyle="--" if name in TEMPORAL_TASKS else "-")
+    axes[0].set_title(f"{res['model']}: PSNR per task")
+    for r in results:
+        kr = r["steps_list"]
+        line = axes[1].plot(kr, [r["summary"][k]["per_frame_psnr"] for k in kr], marker="o",
+                            label=f"{r['model']}: per-frame tasks")[0]
+        axes[1].plot(kr, [r["summary"][k]["temporal_psnr"] for k in kr], marker="s",
+                     linestyle="--", color=line.get_color(), label=f"{r['model']}: temporal")
+    axes[1].set_title("mean PSNR (held-out)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("denoising steps per frame")
+        ax.set_ylabel("PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def strips_png(result: dict, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
+    """One row per prompt: `frames` input frames | the same frames of the output (at the sample
+    step count) | the target, each frame upscaled `scale`x, the prompt written above the row."""
+    import cv2
+
+    samples = result["samples"]
+    names = list(result["tasks"])
+    t = samples["cond"].shape[1]
+    idx = np.linspace(t // 4, t - 1, frames).round().astype(int)
+    rows = []
+    for r, name in enumerate(names):
+        parts = []
+        for key in ("cond", "out", "target"):
+            seq = np.concatenate([samples[key][r, i] for i in idx], axis=1)
+            parts.append(seq)
+            parts.append(np.full((seq.shape[0], 4, 3), 255, np.uint8))
+        row = np.concatenate(parts[:-1], axis=1)
+        row = cv2.resize(row, (row.shape[1] * scale, row.shape[0] * scale),
+                         interpolation=cv2.INTER_NEAREST)
+        label = np.full((22, row.shape[1], 3), 255, np.uint8)
+        text = f"\"{result['tasks'][name]['prompt']}\"   input | output ({result['sample_steps']}" \
+               " steps) | target"
+        cv2.putText(label, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        rows.append(np.concatenate([label, row], axis=0))
+    picture = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    return path
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def drift_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
+    r0 = results[0]
+    lines = [f"Endless held-out camera path, periodic with period {r0['period']} frames (the "
+             f"first and last {r0['period']} frames show the model the same input), task "
+             f"`{r0['task']}` (\"{r0['prompt']}\"), {r0['steps']} steps per frame, seed "
+             f"{r0['seed']}. PSNR of every frame against the target.", "",
+             f"| model | frames | PSNR first {r0['period']} | PSNR last {r0['period']} | "
+             "last - first (dB) | min frame PSNR | ms/frame |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['frames']:,} | {r['first_mean']:.2f} | "
+                     f"{r['last_mean']:.2f} | {r['delta_db']:+.2f} | {r['min']:.2f} | "
+                     f"{r['ms_per_frame']:.1f} |")
+    lines.append("")
+    for title, path in pictures.items():
+        lines.append(f"![{title}]({path})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_drift(results: list[dict], path: Path) -> Path:
+    """PSNR over the stream: a running mean over one period per model, with the per-frame values
+    faint behind the first model's line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    for r in results:
+        psnr = np.asarray(r["psnr"], np.float64)
+        window = min(r["period"], len(psnr))
+        kernel = np.ones(window) / window
+        running = np.convolve(psnr, kernel, mode="valid")
+        x = np.arange(window - 1, len(psnr))
+        line = ax.plot(x, running, label=f"{r['model']} (last - first {r['delta_db']:+.2f} dB)")[0]
+        if r is results[0]:
+            stride = max(1, len(psnr) // 5000)
+            ax.plot(np.arange(len(psnr))[::stride], psnr[::stride], color=line.get_color(),
+                    alpha=0.15, linewidth=0.5)
+    r0 = results[0]
+    ax.set_title(f"drift: PSNR over the stream ({r0['task']}, {r0['steps']} steps; running mean "
+                 f"over {r0['period']} frames)")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

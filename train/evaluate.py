@@ -1,0 +1,449 @@
+"""`lsd eval`: quality of a trained model on the held-out split, and long-stream drift.
+
+Models are named by a spec (`resolve_model`): `demo` (the weights shipped in the package), a
+model checkpoint directory (`config.json` + `params/`), a training work directory (its EMA model,
+`WORKDIR/model`), or `WORKDIR@STEP` (the EMA weights of that training checkpoint). `NAME=SPEC`
+labels it in tables and plots.
+
+Quality (`evaluate_quality`): clips of the procedural held-out split (photographs and camera seeds
+never used in training), each restyled by every paired task of `train/tasks.py`, streamed frame by
+frame through the jitted streaming step (what `lsd stream` runs) at each step count. Per task and
+step count: PSNR and SSIM of every output frame against the target frame (scikit-image, 8-bit data
+range), and temporal flicker `mean |(out_i - out_{i-1}) - (target_i - target_{i-1})|` in 8-bit
+levels.
+
+Drift (`evaluate_drift`): one endless held-out camera path (`EndlessPath`), streamed for N frames;
+PSNR of every frame. The path is periodic (`period` frames: camera and sprites return exactly to
+where they were), so the first and the last `period` frames show the model the same input and any
+difference between their mean PSNR is the model's own drift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from lsd_jax.config import CheckpointError, Config, ConfigError
+
+QUALITY_STEPS = (1, 2, 3, 4, 8, 12)
+TEMPORAL_TASKS = ("motion_trails",)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class EvalModel(NamedTuple):
+    """A model to evaluate: its label, the spec it came from, config, graph and weights."""
+
+    label: str
+    spec: str
+    cfg: Config
+    graphdef: object
+    state: object
+
+
+def resolve_model(spec: str) -> EvalModel:
+    """The model named by `spec` (see the module docstring); errors name the spec."""
+    from flax import nnx
+
+    label, _, path_spec = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    path_spec = path_spec.strip()
+    if not path_spec:
+        raise CheckpointError(f"model spec {spec!r} names no model, expected 'demo', a model "
+                              "directory, a training work directory or WORKDIR@STEP")
+    if path_spec == "demo":
+        from lsd_jax.demo import load_demo_model
+
+        cfg, model = load_demo_model()
+    elif "@" in path_spec:
+        workdir, _, step_text = path_spec.rpartition("@")
+        try:
+            step = int(step_text)
+        except ValueError:
+            raise CheckpointError(f"model spec {spec!r}: {step_text!r} is not a step number "
+                                  "(expected WORKDIR@STEP)") from None
+        cfg, model = load_training_step(Path(workdir), step)
+    else:
+        from lsd_jax.checkpoint import load_model
+
+        path = Path(path_spec)
+        if not path.exists():
+            raise CheckpointError(f"model spec {spec!r}: {str(path)!r} does not exist")
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"
+        cfg, model = load_model(path)
+    graphdef, state = nnx.split(model)
+    return EvalModel(label or path_spec, path_spec, cfg, graphdef, state)
+
+
+def load_training_step(workdir: Path, step: int):
+    """`(cfg, model)` holding the EMA weights of training checkpoint `step` in `workdir`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from lsd_jax.checkpoint import load_config_from
+    from lsd_jax.model import model_from_params
+    from train.trainer import init_state
+
+    if not (workdir / "model" / "config.json").is_file():
+        raise CheckpointError(f"{str(workdir)!r} is not a training work directory (no "
+                              "model/config.json)")
+    cfg = load_config_from(workdir / "model")
+    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+    steps = manager.all_steps()
+    if step not in steps:
+        raise CheckpointError(f"{str(workdir)!r} has no checkpoint at step {step} (it has "
+                              f"{sorted(steps)})")
+    abstract = jax.eval_shape(lambda: init_state(cfg))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    manager.close()
+    return cfg, model_from_params(cfg.model, restored.state["ema"])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def frame_psnr(target_hwc: np.ndarray, out_hwc: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(target_hwc, out_hwc):
+        return 100.0  # identical frames: PSNR is infinite; capped so means stay finite
+    return float(peak_signal_noise_ratio(target_hwc, out_hwc, data_range=255))
+
+
+def frame_ssim(target_hwc: np.ndarray, out_hwc: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(target_hwc, out_hwc, channel_axis=-1, data_range=255))
+
+
+def flicker(out_thwc: np.ndarray, target_thwc: np.ndarray) -> float:
+    """`mean |(out_i - out_{i-1}) - (target_i - target_{i-1})|` over i >= 1, in 8-bit levels."""
+    out = out_thwc.astype(np.float32)
+    tgt = target_thwc.astype(np.float32)
+    return float(np.mean(np.abs(np.diff(out, axis=0) - np.diff(tgt, axis=0))))
+
+
+def clip_metrics(out_thwc: np.ndarray, target_thwc: np.ndarray) -> dict[str, float]:
+    """Mean per-frame PSNR and SSIM, and flicker, of one streamed clip against its target."""
+    return {"psnr": float(np.mean([frame_psnr(t, o) for t, o in zip(target_thwc, out_thwc,
+                                                                    strict=True)])),
+            "ssim": float(np.mean([frame_ssim(t, o) for t, o in zip(target_thwc, out_thwc,
+                                                                    strict=True)])),
+            "flicker": flicker(out_thwc, target_thwc)}
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def stream_batch(model: EvalModel, cond_bthwc: np.ndarray, prompt_bp: np.ndarray | None, *,
+                 steps: int, seed: int = 0, on_frame=None) -> np.ndarray:
+    """Stream `b` uint8 clips `[b, T, H, W, 3]` side by side through the jitted streaming step
+    at `steps` denoising steps; returns the uint8 outputs `[b, T, H, W, 3]`."""
+    from lsd_jax.streaming import init_stream, make_step
+
+    step = make_step(model.cfg, model.graphdef, steps=steps)
+    batch, frames = cond_bthwc.shape[:2]
+    state = init_stream(model.cfg, batch, seed)
+    outs = []
+    for i in range(frames):
+        state, out_bhwc = step(model.state, state, cond_bthwc[:, i], prompt_bp)
+        outs.append(out_bhwc)
+        if on_frame is not None:
+            on_frame()
+    return np.stack([np.asarray(o) for o in outs], axis=1)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True):
+    """A rich progress bar on stderr yielding `advance()`; a no-op when not `enabled`."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=Console(stderr=True), refresh_per_second=2) as bar:
+        task = bar.add_task(description, total=total, note="")
+        yield lambda n=1: bar.advance(task, n)
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks: str = "all"):
+    """`(task_names, prompts, cond, target, prompt_vecs)` for every task x held-out clip.
+
+    cond/target uint8 `[n_tasks * clips, frames, H, W, 3]` (task-major); prompt vectors
+    `[n_tasks * clips, P]` or None for a model without prompts."""
+    from lsd_jax.prompt import make_prompt_encoder
+    from train.data import ProceduralClips
+    from train.tasks import select_tasks
+
+    m = cfg.model
+    source = ProceduralClips(frames, m.frame_height, m.frame_width, seed=seed, split="heldout",
+                             heldout_images=cfg.data.heldout_images)
+    sources = [source[i] for i in range(clips)]
+    chosen = select_tasks(tasks)
+    encoder = make_prompt_encoder(cfg)
+    cond, target, prompts = [], [], []
+    for task in chosen:
+        vec = None if encoder is None else np.asarray(encoder.encode(task.prompt), np.float32)
+        for clip in sources:
+            cond.append(clip)
+            target.append(task.fn(clip))
+            prompts.append(vec)
+    prompt_bp = None if encoder is None else np.stack(prompts)
+    return ([t.name for t in chosen], [t.prompt for t in chosen], np.stack(cond),
+            np.stack(target), prompt_bp)
+
+
+def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int = 4,
+                     frames: int = 24, seed: int = 0, tasks: str = "all",
+                     progress: bool = True) -> dict:
+    """Per task and step count: PSNR, SSIM, flicker on held-out clips (module docstring).
+
+    Returns `{"model", "clips", "frames", "tasks": {name: {"prompt", "steps": {k: metrics}}},
+    "summary": {k: {"per_frame_psnr", "temporal_psnr", ...}}, "samples": {k: uint8 arrays}}`;
+    `samples` (first clip of every task, 3 steps or the nearest) feeds the strip picture.
+    """
+    if clips < 1 or frames < 2:
+        raise ConfigError(f"eval clips={clips}, frames={frames}: expected clips >= 1 and "
+                          "frames >= 2")
+    names, prompts, cond, target, prompt_bp = heldout_pairs(model.cfg, clips=clips,
+                                                            frames=frames, seed=seed,
+                                                            tasks=tasks)
+    results = {name: {"prompt": p, "steps": {}} for name, p in zip(names, prompts, strict=True)}
+    sample_k = min(steps_list, key=lambda k: abs(k - 3))
+    samples = {}
+    t0 = time.perf_counter()
+    with progress_bar(f"eval {model.label}", len(steps_list) * frames, progress) as advance:
+        for k in steps_list:
+            out = stream_batch(model, cond, prompt_bp, steps=k, seed=seed, on_frame=advance)
+            for ti, name in enumerate(names):
+                rows = range(ti * clips, (ti + 1) * clips)
+                per_clip = [clip_metrics(out[r], target[r]) for r in rows]
+                results[name]["steps"][k] = {key: float(np.mean([c[key] for c in per_clip]))
+                                             for key in per_clip[0]}
+            if k == sample_k:
+                samples = {"cond": cond[::clips], "out": out[::clips], "target": target[::clips]}
+    summary = {}
+    for k in steps_list:
+        per_frame = [r["steps"][k]["psnr"] for n, r in results.items() if n not in TEMPORAL_TASKS]
+        temporal = [r["steps"][k]["psnr"] for n, r in results.items() if n in TEMPORAL_TASKS]
+        summary[k] = {
+            "per_frame_psnr": float(np.mean(per_frame)) if per_frame else math.nan,
+            "temporal_psnr": float(np.mean(temporal)) if temporal else math.nan,
+            "mean_ssim": float(np.mean([r["steps"][k]["ssim"] for r in results.values()])),
+            "mean_flicker": float(np.mean([r["steps"][k]["flicker"] for r in results.values()])),
+        }
+    return {"model": model.label, "spec": model.spec, "config": model.cfg.name,
+            "clips": clips, "frames": frames, "seed": seed, "steps_list": list(steps_list),
+            "sample_steps": sample_k, "seconds": time.perf_counter() - t0, "tasks": results,
+            "summary": summary, "samples": samples}
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+class EndlessPath:
+    """An endless, smooth, periodic camera path over a held-out photograph, with sprites.
+
+    `frame(i)` is uint8 `[H, W, 3]`, a pure function of `(seed, i)` and periodic in `i` with
+    period `period`: the camera centre, view size and angle are sums of sinusoids whose periods
+    divide `period`, and each sprite bounces between the frame edges a whole number of times per
+    period. Speeds are those of the training clips (a few pixels per frame).
+    """
+
+    def __init__(self, cfg: Config, *, seed: int = 0, period: int = 1000):
+        from train.data import _photograph, split_photographs
+
+        if period < 8:
+            raise ConfigError(f"drift period={period}, expected >= 8 frames")
+        m = cfg.model
+        self.height, self.width, self.period = m.frame_height, m.frame_width, period
+        rng = np.random.default_rng((seed, 1, 2**31 - 1))
+        names = split_photographs("heldout", cfg.data.heldout_images)
+        # The seed picks the photograph: even seeds the last held-out one (a real photograph).
+        self.image = _photograph(names[::-1][seed % len(names)], 4 * max(self.height,
+                                                                        self.width))
+        ih, iw = self.image.shape[:2]
+        short = min(ih, iw)
+        # Harmonics k of the base frequency 1/period; a few cycles per period keep it smooth.
+        self.harmonics = np.array([max(1, period // 160), max(2, period // 60),
+                                   max(3, period // 36)], np.float64)
+        self.phase = rng.uniform(0, 2 * np.pi, (4, 3))
+        self.view_mean, self.view_amp = 0.5 * short, 0.15 * short
+        margin = (self.view_mean + self.view_amp) / 2
+        self.center_mid = np.array([iw / 2, ih / 2])
+        self.center_amp = np.maximum(np.array([iw / 2, ih / 2]) - margin, 0.0) / 2.0
+        self.angle_amp = 20.0
+        self.sprites = []
+        for _ in range(2):
+            radius = rng.uniform(0.06, 0.12) * min(self.height, self.width)
+            span = np.array([self.width, self.height]) - 2 * radius
+            trips = rng.integers(max(1, period // 120), max(2, period // 40) + 1, 2)
+            self.sprites.append((radius, tuple(int(c) for c in rng.integers(0, 256, 3)),
+                                 rng.uniform(0, 2 * span), span, trips, rng.random() < 0.5))
+
+    def _wave(self, row: int, i: int) -> float:
+        u = 2 * np.pi * (i % self.period) / self.period
+        return float(np.mean(np.sin(self.harmonics * u + self.phase[row])))
+
+    def frame(self, i: int) -> np.ndarray:
+        import cv2
+
+        h, w = self.height, self.width
+        view = self.view_mean + self.view_amp * self._wave(0, i)
+        cx = self.center_mid[0] + self.center_amp[0] * 2 * self._wave(1, i)
+        cy = self.center_mid[1] + self.center_amp[1] * 2 * self._wave(2, i)
+        theta = np.deg2rad(self.angle_amp * 2 * self._wave(3, i))
+        scale = view / min(h, w)
+        cos, sin = scale * np.cos(theta), scale * np.sin(theta)
+        mat = np.array([[cos, -sin, cx - cos * w / 2 + sin * h / 2],
+                        [sin, cos, cy - sin * w / 2 - cos * h / 2]], np.float64)
+        frame = cv2.warpAffine(self.image, mat, (w, h), flags=cv2.INTER_LINEAR
+                               | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REFLECT)
+        u = (i % self.period) / self.period
+        for radius, color, offset, span, trips, square in self.sprites:
+            # Distance travelled `offset + 2 * span * trips * u`, reflected into [0, span].
+            p = radius + np.abs((offset + 2 * span * trips * u) % (2 * span) - span)
+            x, y, r = (int(round(v * 16)) for v in (p[0], p[1], radius))
+            if square:
+                cv2.rectangle(frame, (x - r, y - r), (x + r, y + r), color, -1, cv2.LINE_AA, 4)
+            else:
+                cv2.circle(frame, (x, y), r, color, -1, cv2.LINE_AA, 4)
+        return frame
+
+
+class TaskTarget:
+    """Targets of a task frame by frame: per-frame restyles directly, `motion_trails` by its
+    recursion carried from frame to frame (as `train.tasks.motion_trails` does over a clip)."""
+
+    def __init__(self, name: str):
+        from train.tasks import TASK_NAMES, TASKS
+
+        if name not in TASK_NAMES:
+            raise ConfigError(f"drift task {name!r}, expected one of {', '.join(TASK_NAMES)}")
+        self.task = TASKS[TASK_NAMES.index(name)]
+        self._trail = None
+
+    def __call__(self, frame_hwc: np.ndarray) -> np.ndarray:
+        from train.tasks import TRAIL_DECAY
+
+        if self.task.name != "motion_trails":
+            return self.task.fn(frame_hwc[None])[0]
+        f = np.clip(frame_hwc.astype(np.float32) * np.array([1.1, 0.95, 0.8], np.float32), 0,
+                    255)
+        self._trail = f if self._trail is None else TRAIL_DECAY * self._trail + (
+            1 - TRAIL_DECAY) * f
+        return np.round(self._trail).astype(np.uint8)
+
+
+def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str = "motion_trails",
+                   period: int = 1000, seed: int = 0, progress: bool = True,
+                   keep_frames: tuple[int, ...] = ()) -> dict:
+    """Stream `frames` frames of the endless held-out path restyled by `task`; PSNR per frame.
+
+    Returns `{"psnr": float32 [frames], "first_mean", "last_mean", "delta_db", ...}` with
+    first/last over `period` frames each (the same input frames when `frames` is a multiple of
+    `period`), and `frames_kept` {i: (input, output, target)} for the indices in `keep_frames`.
+    """
+    from lsd_jax.prompt import make_prompt_encoder
+    from lsd_jax.streaming import init_stream, make_step
+
+    if frames < 2 * period:
+        raise ConfigError(f"drift frames={frames}, expected >= 2 * period ({2 * period}) so the "
+                          "first and last periods do not overlap")
+    path = EndlessPath(model.cfg, seed=seed, period=period)
+    target_of = TaskTarget(task)
+    encoder = make_prompt_encoder(model.cfg)
+    prompt_bp = None if encoder is None else np.asarray(
+        encoder.encode(target_of.task.prompt), np.float32)[None]
+    step = make_step(model.cfg, model.graphdef, steps=steps)
+    state = init_stream(model.cfg, 1, seed)
+    psnr = np.empty(frames, np.float32)
+    kept, keep = {}, set(keep_frames)
+    t0 = time.perf_counter()
+    with progress_bar(f"drift {model.label}", frames, progress) as advance:
+        pending = None  # overlap: compute frame i's PSNR while the step of frame i+1 runs
+        for i in range(frames):
+            frame = path.frame(i)
+            target = target_of(frame)
+            state, out = step(model.state, state, frame[None], prompt_bp)
+            if pending is not None:
+                j, p_out, p_target, p_frame = pending
+                out_np = np.asarray(p_out[0])
+                psnr[j] = frame_psnr(p_target, out_np)
+                if j in keep:
+                    kept[j] = (p_frame, out_np, p_target)
+            pending = (i, out, target, frame)
+            if i == 0:
+                out.block_until_ready()
+                t0 = time.perf_counter()  # frame 0 compiled the step: time the others
+            advance()
+        j, p_out, p_target, p_frame = pending
+        out_np = np.asarray(p_out[0])
+        psnr[j] = frame_psnr(p_target, out_np)
+        if j in keep:
+            kept[j] = (p_frame, out_np, p_target)
+    seconds = time.perf_counter() - t0
+    timed = max(frames - 1, 1)
+    first, last = float(psnr[:period].mean()), float(psnr[-period:].mean())
+    return {"model": model.label, "spec": model.spec, "task": task, "prompt":
+            target_of.task.prompt, "frames": frames, "steps": steps, "period": period,
+            "seed": seed, "first_mean": first, "last_mean": last, "delta_db": last - first,
+            "same_input": frames % period == 0, "min": float(psnr.min()),
+            "seconds": seconds, "ms_per_frame": 1000 * seconds / timed, "psnr": psnr,
+            "frames_kept": kept}
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def json_ready(result: dict) -> dict:
+    """`result` without arrays and pictures, as plain JSON types."""
+    out = {}
+    for key, value in result.items():
+        if key in ("samples", "frames_kept", "psnr"):
+            continue
+        if isinstance(value, dict):
+            value = json_ready({str(k): v for k, v in value.items()})
+        out[key] = value
+    return out
+
+
+def save_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def replace_section(report: Path, name: str, body: str) -> None:
+    """Put `body` between the markers of section `name` in the markdown file `report` (appended
+    when the markers are not there yet); the rest of the file is kept."""
+    begin, end = f"<!-- lsd eval {name}: begin -->", f"<!-- lsd eval {name}: end -->"
+    text = report.read_text() if report.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    report.write_text(text)
+
