@@ -26,8 +26,9 @@ def get_config() -> Config:
     return dataclasses.replace(
         base,
         name="demo",
+        diffusion=dataclasses.replace(base.diffusion, prediction="x0"),
         train=TrainConfig(
-            steps=2000, batch_size=4, lr=6e-4, warmup_steps=200, final_lr_fraction=1.0,
+            steps=1500, batch_size=4, lr=6e-4, warmup_steps=200, final_lr_fraction=1.0,
             weight_decay=0.01, grad_clip=1.0, ema_decay=0.998, save_every=250, keep=10,
             log_every=10, sample_every=500, seed=0,
         ),

@@ -168,6 +168,7 @@ class DiffusionConfig:
     sigmoid_tau: float = 1.0
     # Denoising steps per streamed frame, and the history (context) noise level t_ctx.
     sample_steps: int = 3
+    prediction: str = "velocity"  # rectified flow: the network predicts "velocity" or "x0".
     ctx_level: float = 0.02
     context_noise: str = "label"  # "label": clean frame labelled t_ctx; "noised": really noised.
     # Training objective.
@@ -183,6 +184,10 @@ class DiffusionConfig:
         _check_choice("diffusion.process", self.process, PROCESSES)
         _check_choice("diffusion.noise_sampler", self.noise_sampler, NOISE_SAMPLERS)
         _check_choice("diffusion.context_noise", self.context_noise, ("label", "noised"))
+        _check_choice("diffusion.prediction", self.prediction, ("velocity", "x0"))
+        if self.prediction == "x0" and self.process != "rectified_flow":
+            raise ConfigError(f"diffusion.prediction='x0' with diffusion.process="
+                              f"{self.process!r}: x0 prediction is offered for rectified_flow")
         _check_choice("diffusion.shortcut_target", self.shortcut_target, ("online", "ema"))
         if not 1 <= self.sample_steps <= 128:
             raise ConfigError(f"diffusion.sample_steps={self.sample_steps}, expected 1..128")

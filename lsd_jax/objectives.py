@@ -254,18 +254,29 @@ def augment_history(rng: jax.Array, frames_bthwc: jax.Array, cfg: HistoryAugConf
 
 
 def shortcut_target(fn: NetworkFn, x_t_bthwc: jax.Array, level_bt: jax.Array,
-                    step_bt: jax.Array) -> jax.Array:
+                    step_bt: jax.Array, process: Process | None = None) -> jax.Array:
     """Self-consistency target for a step of size `2d` (Frans et al. 2024), `d = step_bt`.
 
-    `v1 = fn(x_t, t, d)`, `x' = x_t - d v1`, `v2 = fn(x', t - d, d)`, target
-    `stop_gradient((v1 + v2) / 2)`: one `2d` Euler step with it lands where two `d`-steps land.
-    All frames of a clip take the half-step together, so in the second call a frame sees its
-    half-stepped history (the approximation Diffusion Forcing makes whenever it denoises a clip).
+    Velocity prediction: `v1 = fn(x_t, t, d)`, `x' = x_t - d v1`, `v2 = fn(x', t - d, d)`,
+    target `stop_gradient((v1 + v2) / 2)`: one `2d` Euler step with it lands where two `d`-steps
+    land. With a `process` whose network predicts something else (rectified flow with x0
+    prediction), the two `d` steps are the process's own `denoise_step`s and the target is the
+    output whose one `2d` step lands at the same point (`process.output_for_step`). All frames of
+    a clip take the half-step together, so in the second call a frame sees its half-stepped
+    history (the approximation Diffusion Forcing makes whenever it denoises a clip).
     """
-    v1_bthwc = fn(x_t_bthwc, level_bt, step_bt)
-    x_mid_bthwc = x_t_bthwc - step_bt[..., None, None, None] * v1_bthwc
-    v2_bthwc = fn(x_mid_bthwc, level_bt - step_bt, step_bt)
-    return jax.lax.stop_gradient((v1_bthwc + v2_bthwc) / 2)
+    if process is None or getattr(process, "prediction", "velocity") == "velocity":
+        v1_bthwc = fn(x_t_bthwc, level_bt, step_bt)
+        x_mid_bthwc = x_t_bthwc - step_bt[..., None, None, None] * v1_bthwc
+        v2_bthwc = fn(x_mid_bthwc, level_bt - step_bt, step_bt)
+        return jax.lax.stop_gradient((v1_bthwc + v2_bthwc) / 2)
+    p1_bthwc = fn(x_t_bthwc, level_bt, step_bt)
+    x_mid_bthwc = process.denoise_step(x_t_bthwc, p1_bthwc, level_bt, level_bt - step_bt)
+    p2_bthwc = fn(x_mid_bthwc, level_bt - step_bt, step_bt)
+    x_end_bthwc = process.denoise_step(x_mid_bthwc, p2_bthwc, level_bt - step_bt,
+                                       level_bt - 2 * step_bt)
+    return jax.lax.stop_gradient(process.output_for_step(x_t_bthwc, x_end_bthwc, level_bt,
+                                                         2 * step_bt))
 
 
 def num_shortcut_clips(batch: int, cfg: DiffusionConfig) -> int:
@@ -351,7 +362,7 @@ def training_targets(fn: NetworkFn, target_fn: NetworkFn, x0_bthwc: jax.Array, r
     target_bthwc = process.target(x0_bthwc, eps_bthwc, level_bt)
     if n_short:
         short_target_bthwc = shortcut_target(target_fn, x_t_bthwc[:n_short], level_bt[:n_short],
-                                             step_bt[:n_short] / 2)
+                                             step_bt[:n_short] / 2, process)
         target_bthwc = target_bthwc.at[:n_short].set(short_target_bthwc)
     return Targets(x_t_bthwc, level_bt, step_bt, target_bthwc)
 

@@ -329,6 +329,35 @@ def test_shortcut_target_is_mean_of_two_half_steps():
     assert all(np.all(g == 0) for g in jax.tree.leaves(grad))
 
 
+def test_x0_prediction_shortcut_target_lands_where_two_steps_land():
+    """Rectified flow with x0 prediction: Euler steps along v = (x_t - x0) / t; the shortcut
+    target is the x0 output whose one 2d-step lands where two d-steps land (float64 reference),
+    and at the last cell (t = 2d) it is that landing point itself."""
+    x0_cfg = dataclasses.replace(RF_CFG, prediction="x0")
+    process = make_process(x0_cfg)
+    params = standin_init(3)
+    fn = standin_fn(params, process, cond_bthwc=_frames(33))
+    x_t = jax.random.normal(key(34), (B, T, H, W, C))
+    d_bt = 2.0 ** -jax.random.randint(key(35), (B, T), 1, 7).astype(jnp.float32)
+    level_bt = 2 * d_bt * jax.random.randint(key(36), (B, T), 1, 3)
+    target = np.asarray(obj.shortcut_target(fn, x_t, level_bt, d_bt, process), np.float64)
+    d = np.asarray(d_bt, np.float64)[..., None, None, None]
+    t = np.asarray(level_bt, np.float64)[..., None, None, None]
+    xt = np.asarray(x_t, np.float64)
+    p1 = np.asarray(fn(x_t, level_bt, d_bt), np.float64)
+    x_mid = xt - d * (xt - p1) / t
+    p2 = np.asarray(fn(jnp.asarray(x_mid, jnp.float32), level_bt - d_bt, d_bt), np.float64)
+    x_end = x_mid - d * (x_mid - p2) / (t - d)
+    np.testing.assert_allclose(xt - 2 * d * (xt - target) / t, x_end, atol=1e-4)
+    last = np.broadcast_to(np.isclose(t, 2 * d), x_end.shape)
+    assert last.any() and (~last).any()
+    np.testing.assert_allclose(target[last], x_end[last], atol=1e-4)
+    # The flow-matching target is the clean frame; the prediction of x0 is the output itself.
+    x0 = _frames(37)
+    np.testing.assert_array_equal(process.target(x0, x_t, level_bt), x0)
+    np.testing.assert_array_equal(process.predict_x0(x_t, x0, level_bt), x0)
+
+
 def test_training_targets_shortcut_items():
     params = standin_init(2)
     fn = standin_fn(params, RF)

@@ -59,7 +59,8 @@ def stream(cfg, model, num_frames, cond, prompt, ext, *, rng, start_frame=0, ste
     (),
     ("diffusion.context_noise=noised", "diffusion.ctx_level=0.1"),
     OASIS_LIKE,
-], ids=["rf-label", "rf-noised", "ddpm-oasis-like"])
+    ("diffusion.prediction=x0",),
+], ids=["rf-label", "rf-noised", "ddpm-oasis-like", "rf-x0"])
 def test_step_equals_reference_sampler(overrides):
     cfg, model, num_frames, cond, prompt, ext = setup(overrides)
     rng = jax.random.PRNGKey(42)

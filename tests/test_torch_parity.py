@@ -67,10 +67,12 @@ def test_ddim_trajectory_3_steps(oasis_cfg, oasis_pair):
     assert result.rel <= 1e-4, result
 
 
-@pytest.mark.parametrize("process", ["ddpm_v", "rectified_flow"],
-                         ids=["diffusion-forcing-v", "flow-matching"])
-def test_training_loss(oasis_cfg, oasis_pair, process):
-    diffusion = dataclasses.replace(oasis_cfg.diffusion, process=process,
+@pytest.mark.parametrize("process,prediction", [("ddpm_v", "velocity"),
+                                               ("rectified_flow", "velocity"),
+                                               ("rectified_flow", "x0")],
+                         ids=["diffusion-forcing-v", "flow-matching", "flow-matching-x0"])
+def test_training_loss(oasis_cfg, oasis_pair, process, prediction):
+    diffusion = dataclasses.replace(oasis_cfg.diffusion, process=process, prediction=prediction,
                                     ctx_level=14.0 if process == "ddpm_v" else 0.02)
     cfg = dataclasses.replace(oasis_cfg, diffusion=diffusion)
     assert cfg.diffusion.noise_sampler == "independent"  # Diffusion Forcing: a level per frame
@@ -104,6 +106,16 @@ def test_all_options_forward(options_cfg, options_pair):
 def test_all_options_streaming(options_cfg, options_pair):
     """Rectified flow with shortcut step sizes and really-noised context frames."""
     result = parity.check_streaming(options_cfg, options_pair, seed=3)
+    assert result.rel <= 1e-5, result
+
+
+@pytest.mark.slow
+def test_demo_recipe_streaming():
+    """The demo config (rectified flow, x0 prediction, prompt, input frame): torch ring-buffer
+    step vs the jitted JAX step over 3W frames."""
+    cfg = load_config(CONFIGS / "demo.py")
+    assert cfg.diffusion.prediction == "x0"
+    result = parity.check_streaming(cfg, parity.build_pair(cfg, seed=5), seed=5)
     assert result.rel <= 1e-5, result
 
 

@@ -25,6 +25,7 @@ class TorchProcess:
         self.jax_process = make_process(cfg)
         self.name = self.jax_process.name
         self.min_step_size = self.jax_process.min_step_size
+        self.prediction = getattr(self.jax_process, "prediction", "velocity")
         if self.name == "ddpm_v":
             self.alphas_cumprod = torch.from_numpy(self.jax_process.alphas_cumprod)
 
@@ -45,12 +46,15 @@ class TorchProcess:
 
     def target(self, x0, eps, level):
         if self.name == "rectified_flow":
-            return eps - x0
+            return x0 if self.prediction == "x0" else eps - x0
         a = _expand(self.abar(level), x0)
         return torch.sqrt(a) * eps - torch.sqrt(1.0 - a) * x0
 
     def denoise_step(self, x_t, pred, level, next_level):
         """Euler step (rectified flow) or Oasis's DDIM step (`next_level < 0` gives x0)."""
+        if self.name == "rectified_flow" and self.prediction == "x0":
+            ratio = torch.as_tensor(next_level) / torch.as_tensor(level)
+            return pred + _expand(ratio, x_t) * (x_t - pred)
         if self.name == "rectified_flow":
             return x_t - _expand(torch.as_tensor(level) - torch.as_tensor(next_level), x_t) * pred
         a = _expand(self.abar(level), x_t)
