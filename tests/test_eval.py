@@ -69,6 +69,24 @@ def test_task_targets_frame_by_frame_equal_the_clip_tasks():
         evaluate.TaskTarget("oil")
 
 
+def test_validation_and_heldout_clips_are_not_training_clips():
+    """Held-out clips come from the held-out photographs; validation clips from the training
+    photographs under other camera seeds: neither equals a clip the training stream yields."""
+    from train.data import ProceduralClips
+
+    cfg = load_config("configs/demo.py")
+    training = ProceduralClips(8, 64, 64, seed=cfg.data.shuffle_seed, split="train")
+    train_clips = [training[i] for i in range(6)]
+    for split in ("heldout", "validation"):
+        _, _, cond, target, prompts = evaluate.heldout_pairs(cfg, clips=3, frames=8,
+                                                             tasks="sepia", split=split)
+        assert cond.shape == (3, 8, 64, 64, 3) and prompts.shape == (3, 64)
+        for clip in cond:
+            assert all(np.abs(clip.astype(int) - c).mean() > 5 for c in train_clips)
+    with pytest.raises(ConfigError, match="'test'"):
+        evaluate.heldout_pairs(cfg, clips=1, frames=8, split="test")
+
+
 def test_model_spec_errors_name_the_spec(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate.resolve_model(str(tmp_path / "none"))

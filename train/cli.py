@@ -180,6 +180,10 @@ def _register_eval(commands) -> None:
                         help="frames per clip (quality, default 24) or in the stream (drift, "
                              "default 3000)")
     parser.add_argument("--tasks", default="all", help="tasks (quality): all or names")
+    parser.add_argument("--split", choices=("heldout", "validation"), default="heldout",
+                        help="quality clips: heldout (photographs never trained on; the "
+                             "reported figures) or validation (training photographs, unseen "
+                             "camera seeds; for choosing recipes)")
     parser.add_argument("--task", default="motion_trails",
                         help="task of the drift stream (default motion_trails, the task that "
                              "depends on the model's own past outputs)")
@@ -218,7 +222,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         steps = args.steps or evaluate.QUALITY_STEPS
         results = [evaluate.evaluate_quality(m, steps_list=steps, clips=args.clips,
                                              frames=args.frames or 24, seed=args.seed,
-                                             tasks=args.tasks, progress=not args.no_progress)
+                                             tasks=args.tasks, split=args.split,
+                                             progress=not args.no_progress)
                    for m in models]
         plot = eval_report.plot_quality(results, out_dir / f"{section}_psnr.png")
         strips = eval_report.strips_png(results[0], out_dir / f"{section}_strips.png")

@@ -26,8 +26,11 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
     count, and (several models) one side-by-side summary table."""
     lines = []
     first = results[0]
-    lines.append(f"Held-out split: {first['clips']} clips x {first['frames']} frames per task "
-                 f"(procedural, photographs and camera seeds never trained on), seed "
+    where = ("Held-out split: {} clips x {} frames per task (procedural, photographs and camera "
+             "seeds never trained on)" if first.get("split", "heldout") == "heldout" else
+             "Validation split: {} clips x {} frames per task (training photographs under camera "
+             "seeds never trained on)").format(first["clips"], first["frames"])
+    lines.append(f"{where}, seed "
                  f"{first['seed']}. PSNR/SSIM per output frame against the target frame, 8-bit "
                  "range; flicker = mean |(out_i - out_i-1) - (target_i - target_i-1)| in 8-bit "
                  "levels. Temporal task: " + ", ".join(TEMPORAL_TASKS) + ".")
@@ -86,7 +89,7 @@ def plot_quality(results: list[dict], path: Path) -> Path:
                             label=f"{r['model']}: per-frame tasks")[0]
         axes[1].plot(kr, [r["summary"][k]["temporal_psnr"] for k in kr], marker="s",
                      linestyle="--", color=line.get_color(), label=f"{r['model']}: temporal")
-    axes[1].set_title("mean PSNR (held-out)")
+    axes[1].set_title(f"mean PSNR ({res.get('split', 'heldout')} split)")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])

@@ -32,6 +32,10 @@ import numpy as np
 from lsd_jax.config import CheckpointError, Config, ConfigError
 
 QUALITY_STEPS = (1, 2, 3, 4, 8, 12)
+EVAL_SPLITS = ("heldout", "validation")
+# "validation": the training photographs under camera seeds training never draws (recipe choices
+# are made on it, so the held-out split stays untouched).
+VALIDATION_SEED_OFFSET = 1_000_003
 TEMPORAL_TASKS = ("motion_trails",)
 
 
@@ -187,8 +191,10 @@ def progress_bar(description: str, total: int, enabled: bool = True):
 # ----------------------------------------------------------------------------- quality
 
 
-def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks: str = "all"):
-    """`(task_names, prompts, cond, target, prompt_vecs)` for every task x held-out clip.
+def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks: str = "all",
+                  split: str = "heldout"):
+    """`(task_names, prompts, cond, target, prompt_vecs)` for every task x held-out clip (or x
+    validation clip: `split="validation"`, training photographs under unseen camera seeds).
 
     cond/target uint8 `[n_tasks * clips, frames, H, W, 3]` (task-major); prompt vectors
     `[n_tasks * clips, P]` or None for a model without prompts."""
@@ -197,8 +203,15 @@ def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks:
     from train.tasks import select_tasks
 
     m = cfg.model
-    source = ProceduralClips(frames, m.frame_height, m.frame_width, seed=seed, split="heldout",
-                             heldout_images=cfg.data.heldout_images)
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"eval split {split!r}, expected one of {EVAL_SPLITS}")
+    if split == "validation":
+        source = ProceduralClips(frames, m.frame_height, m.frame_width,
+                                 seed=cfg.data.shuffle_seed + VALIDATION_SEED_OFFSET + seed,
+                                 split="train", heldout_images=cfg.data.heldout_images)
+    else:
+        source = ProceduralClips(frames, m.frame_height, m.frame_width, seed=seed,
+                                 split="heldout", heldout_images=cfg.data.heldout_images)
     sources = [source[i] for i in range(clips)]
     chosen = select_tasks(tasks)
     encoder = make_prompt_encoder(cfg)
@@ -216,7 +229,7 @@ def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks:
 
 def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int = 4,
                      frames: int = 24, seed: int = 0, tasks: str = "all",
-                     progress: bool = True) -> dict:
+                     split: str = "heldout", progress: bool = True) -> dict:
     """Per task and step count: PSNR, SSIM, flicker on held-out clips (module docstring).
 
     Returns `{"model", "clips", "frames", "tasks": {name: {"prompt", "steps": {k: metrics}}},
@@ -228,7 +241,7 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
                           "frames >= 2")
     names, prompts, cond, target, prompt_bp = heldout_pairs(model.cfg, clips=clips,
                                                             frames=frames, seed=seed,
-                                                            tasks=tasks)
+                                                            tasks=tasks, split=split)
     results = {name: {"prompt": p, "steps": {}} for name, p in zip(names, prompts, strict=True)}
     sample_k = min(steps_list, key=lambda k: abs(k - 3))
     samples = {}
@@ -254,7 +267,8 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
             "mean_flicker": float(np.mean([r["steps"][k]["flicker"] for r in results.values()])),
         }
     return {"model": model.label, "spec": model.spec, "config": model.cfg.name,
-            "clips": clips, "frames": frames, "seed": seed, "steps_list": list(steps_list),
+            "clips": clips, "frames": frames, "seed": seed, "split": split,
+            "steps_list": list(steps_list),
             "sample_steps": sample_k, "seconds": time.perf_counter() - t0, "tasks": results,
             "summary": summary, "samples": samples}
 
