@@ -258,7 +258,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         body = eval_report.drift_markdown(results, pictures={"PSNR over the stream": rel(plot)})
     payload = [evaluate.json_ready(r) for r in results]
     evaluate.save_json(out_dir / f"{section}.json", payload)
-    command = "lsd eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
+    import shlex
+
+    command = "lsd eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
     if command:
         body = f"`{command}`\n\n" + body
     evaluate.replace_section(report, section, body)
