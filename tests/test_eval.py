@@ -188,7 +188,7 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
                                                                           "motion_trails"}
     text = report.read_text()
     assert text.startswith("# Notes kept\n") and "| sepia | an old sepia photograph |" in text
-    for name in ("quality_psnr.png", "quality_strips.png", "quality.json"):
+    for name in ("quality_psnr.png", "quality_strips.jpg", "quality.json"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
 

@@ -226,7 +226,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                              progress=not args.no_progress)
                    for m in models]
         plot = eval_report.plot_quality(results, out_dir / f"{section}_psnr.png")
-        strips = eval_report.strips_png(results[0], out_dir / f"{section}_strips.png")
+        strips = eval_report.strips_picture(results[0], out_dir / f"{section}_strips.jpg")
         pictures = {"PSNR by denoising steps": rel(plot),
                     f"input | output | target, {results[0]['model']}": rel(strips)}
         body = eval_report.quality_markdown(results, pictures=pictures)

@@ -104,7 +104,7 @@ def plot_quality(results: list[dict], path: Path) -> Path:
     return path
 
 
-def strips_png(result: dict, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
+def strips_picture(result: dict, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
     """One row per prompt: `frames` input frames | the same frames of the output (at the sample
     step count) | the target, each frame upscaled `scale`x, the prompt written above the row."""
     import cv2
@@ -131,7 +131,9 @@ def strips_png(result: dict, path: Path, *, frames: int = 4, scale: int = 2) -> 
         rows.append(np.concatenate([label, row], axis=0))
     picture = np.concatenate(rows, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    # JPEG: the noisy strips of an early model compress poorly as PNG (megabytes).
+    cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, 90])
     return path
 
 
