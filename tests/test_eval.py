@@ -186,6 +186,9 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
     payload = json.loads(capsys.readouterr().out)
     assert payload[0]["model"] == "demo" and set(payload[0]["tasks"]) == {"sepia",
                                                                           "motion_trails"}
+    metrics = payload[0]["tasks"]["sepia"]["steps"]["2"]
+    assert set(metrics) == {"psnr", "ssim", "flicker"} and 5 < metrics["psnr"] < 60
+    assert json.loads((tmp_path / "out" / "quality.json").read_text()) == payload
     text = report.read_text()
     assert text.startswith("# Notes kept\n") and "| sepia | an old sepia photograph |" in text
     for name in ("quality_psnr.png", "quality_strips.jpg", "quality.json"):

@@ -432,15 +432,17 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
 
 
 def json_ready(result: dict) -> dict:
-    """`result` without arrays and pictures, as plain JSON types."""
-    out = {}
-    for key, value in result.items():
-        if key in ("samples", "frames_kept", "psnr"):
-            continue
+    """`result` without its arrays and pictures (the top-level `samples`, `frames_kept` and the
+    per-frame `psnr` array of a drift result), with string keys: plain JSON types."""
+
+    def plain(value):
         if isinstance(value, dict):
-            value = json_ready({str(k): v for k, v in value.items()})
-        out[key] = value
-    return out
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    return {key: plain(value) for key, value in result.items()
+            if key not in ("samples", "frames_kept") and not (key == "psnr" and
+                                                               not np.isscalar(value))}
 
 
 def save_json(path: Path, payload) -> None:
