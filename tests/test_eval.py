@@ -226,3 +226,13 @@ def test_browser_page_offers_the_trained_prompts():
     page = (Path(__file__).resolve().parents[1] / "serve" / "static" / "index.html").read_text()
     block = page.split('<datalist id="known-prompts">')[1].split("</datalist>")[0]
     assert re.findall(r'<option value="([^"]+)">', block) == [t.prompt for t in TASKS]
+
+
+def test_progress_without_a_terminal_prints_tenths(capsys):
+    """Logs and CI get one line per 10% (rich draws nothing there)."""
+    with evaluate.progress_bar("drift x", 50) as advance:
+        for _ in range(50):
+            advance()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("drift x")]
+    assert len(lines) == 10 and lines[0].startswith("drift x: 5/50 (10%)")
+    assert lines[-1].startswith("drift x: 50/50 (100%)")

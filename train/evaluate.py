@@ -167,9 +167,28 @@ def stream_batch(model: EvalModel, cond_bthwc: np.ndarray, prompt_bp: np.ndarray
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True):
-    """A rich progress bar on stderr yielding `advance()`; a no-op when not `enabled`."""
+    """A rich progress bar on stderr yielding `advance()`; a no-op when not `enabled`. When
+    stderr is not a terminal (a log file, CI), one plain line per 10% with the rate and ETA."""
     if not enabled:
         yield lambda n=1: None
+        return
+    import sys
+
+    if not sys.stderr.isatty():
+        done, start, next_mark = 0, time.perf_counter(), max(1, total // 10)
+
+        def advance(n=1):
+            nonlocal done, next_mark
+            done += n
+            if done >= next_mark or done == total:
+                elapsed = time.perf_counter() - start
+                rate = done / elapsed if elapsed > 0 else 0.0
+                eta = (total - done) / rate if rate > 0 else 0.0
+                print(f"{description}: {done}/{total} ({100 * done / total:.0f}%), "
+                      f"{elapsed:.0f} s, eta {eta:.0f} s", file=sys.stderr, flush=True)
+                next_mark = min(total, next_mark + max(1, total // 10))
+
+        yield advance
         return
     from rich.console import Console
     from rich.progress import (
