@@ -139,8 +139,8 @@ def _run_stream(args) -> int:
     schedule = parse_prompt_schedule(args.prompt, args.prompt_schedule)
     engine = _engine(args, max_steps=args.steps)
     _say(f"lsd stream: {engine.describe}")
-    if engine.describe.startswith("built-in demo model"):
-        _note_demo_prompts([p for _, p in schedule])
+    if args.checkpoint is None and args.artifact is None and args.config is None:
+        _note_demo_prompts([p for _, p in schedule])  # the built-in demo model
     result = run_stream(engine, args.input, args.out, schedule, steps=args.steps,
                         side_by_side=args.side_by_side, max_frames=args.max_frames,
                         show_progress=not args.no_progress and not args.json, seed=args.seed)

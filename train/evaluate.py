@@ -378,12 +378,11 @@ class TaskTarget:
         self._trail = None
 
     def __call__(self, frame_hwc: np.ndarray) -> np.ndarray:
-        from train.tasks import TRAIL_DECAY
+        from train.tasks import TRAIL_DECAY, trail_tint
 
         if self.task.name != "motion_trails":
             return self.task.fn(frame_hwc[None])[0]
-        f = np.clip(frame_hwc.astype(np.float32) * np.array([1.1, 0.95, 0.8], np.float32), 0,
-                    255)
+        f = trail_tint(frame_hwc)
         self._trail = f if self._trail is None else TRAIL_DECAY * self._trail + (
             1 - TRAIL_DECAY) * f
         return np.round(self._trail).astype(np.uint8)
@@ -415,27 +414,26 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
     kept, keep = {}, set(keep_frames)
     t0 = time.perf_counter()
     with progress_bar(f"drift {model.label}", frames, progress) as advance:
-        pending = None  # overlap: compute frame i's PSNR while the step of frame i+1 runs
+        pending = None  # overlap: score frame i-1 while the step of frame i runs
+
+        def finish(j, out, target, frame):
+            out_np = np.asarray(out[0])
+            psnr[j] = frame_psnr(target, out_np)
+            if j in keep:
+                kept[j] = (frame, out_np, target)
+
         for i in range(frames):
             frame = path.frame(i)
             target = target_of(frame)
             state, out = step(model.state, state, frame[None], prompt_bp)
             if pending is not None:
-                j, p_out, p_target, p_frame = pending
-                out_np = np.asarray(p_out[0])
-                psnr[j] = frame_psnr(p_target, out_np)
-                if j in keep:
-                    kept[j] = (p_frame, out_np, p_target)
+                finish(*pending)
             pending = (i, out, target, frame)
             if i == 0:
                 out.block_until_ready()
                 t0 = time.perf_counter()  # frame 0 compiled the step: time the others
             advance()
-        j, p_out, p_target, p_frame = pending
-        out_np = np.asarray(p_out[0])
-        psnr[j] = frame_psnr(p_target, out_np)
-        if j in keep:
-            kept[j] = (p_frame, out_np, p_target)
+        finish(*pending)
     seconds = time.perf_counter() - t0
     timed = max(frames - 1, 1)
     first, last = float(psnr[:period].mean()), float(psnr[-period:].mean())

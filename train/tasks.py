@@ -88,14 +88,19 @@ def _edge_glow(rgb_hwc: np.ndarray) -> np.ndarray:
 
 
 TRAIL_DECAY = 0.7
+TRAIL_TINT = np.array([1.1, 0.95, 0.8], np.float32)
+
+
+def trail_tint(frames: np.ndarray) -> np.ndarray:
+    """`f` of `motion_trails`: a warm tint, float32 in [0, 255], any leading shape."""
+    return np.clip(frames.astype(np.float32) * TRAIL_TINT, 0, 255)
 
 
 def motion_trails(clip_thwc: np.ndarray, decay: float = TRAIL_DECAY) -> np.ndarray:
     """`y_0 = f(x_0)`, `y_i = decay * y_{i-1} + (1 - decay) * f(x_i)` with `f` a warm tint: moving
     things leave fading trails behind them. In and out uint8 `[T, H, W, 3]`; the recursion runs in
     float32 and each output frame is rounded once."""
-    tint = np.array([1.1, 0.95, 0.8], np.float32)
-    f_thwc = np.clip(clip_thwc.astype(np.float32) * tint, 0, 255)
+    f_thwc = trail_tint(clip_thwc)
     out_thwc = np.empty_like(f_thwc)
     out_thwc[0] = f_thwc[0]
     for i in range(1, len(f_thwc)):
