@@ -291,6 +291,27 @@ class MeshConfig:
                               f"tensor={self.tensor}, expected positive sizes, at most one -1")
 
 
+PROMPT_ENCODERS = ("hashed", "minilm")
+# Embedding width of the encoders that have a fixed one ("hashed" takes any model.prompt_dim).
+PROMPT_ENCODER_DIMS = {"minilm": 384}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """The prompt encoder (`lsd_jax/prompt.py`): a prompt string -> a vector `[model.prompt_dim]`
+    that the model's learned `prompt_proj` maps into its conditioning.
+
+    "hashed": the built-in bag-of-words hash, any width, nothing to download. "minilm":
+    all-MiniLM-L6-v2 in Flax NNX (`lsd_jax/minilm.py`), 384 wide, its two files fetched once
+    (`lsd_jax/minilm_files.py`). A model understands only the encoder it was trained with.
+    """
+
+    encoder: str = "hashed"
+
+    def __post_init__(self):
+        _check_choice("prompt.encoder", self.encoder, PROMPT_ENCODERS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A named configuration: model, diffusion, frame codec and prompt encoder."""
@@ -299,6 +320,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     codec: str = "pixel"  # "pixel" ([-1, 1] RGB) or "oasis_vae" (latents, 360x640 frames).
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     seed: int = 0
     # Training (`lsd train`); other commands ignore these sections.
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -310,6 +332,12 @@ class Config:
         if self.codec == "pixel" and self.model.channels != 3:
             raise ConfigError(f"model.channels={self.model.channels}, the pixel codec needs 3 "
                               "(RGB)")
+        width = PROMPT_ENCODER_DIMS.get(self.prompt.encoder)
+        if width is not None and self.model.prompt_dim not in (0, width):
+            raise ConfigError(
+                f"prompt.encoder={self.prompt.encoder!r} gives {width}-wide embeddings but "
+                f"model.prompt_dim={self.model.prompt_dim}; expected model.prompt_dim={width} "
+                f"(overrides apply in order: set model.prompt_dim={width} before prompt.encoder)")
 
 
 # ----------------------------------------------------------------------------- overrides

@@ -1,16 +1,25 @@
 """Prompt encoders (DESIGN.md section 5): a prompt string -> a float32 vector `[prompt_dim]`.
 
 The model owns a learned Linear from `prompt_dim` to its hidden size, so a fixed encoder here plus
-that projection is a prompt embedding learned with the model. Encoders are pluggable:
+that projection is a prompt embedding learned with the model. Encoders are pluggable
+(`prompt.encoder` in the config):
 
-- `HashedPromptEncoder`: built in, no training and no download. Each lowercase word maps to a fixed
-  pseudo-random unit vector drawn from a stable hash of the word; the prompt is their mean,
-  L2-normalised and scaled to norm `sqrt(dim)` (entries of unit scale, like a normalised
-  activation). Same prompt, same vector, on every machine and Python version.
+- `HashedPromptEncoder` ("hashed", identity `hashed-v1`): built in, no training and no download.
+  Each lowercase word maps to a fixed pseudo-random unit vector drawn from a stable hash of the
+  word; the prompt is their mean, L2-normalised and scaled to norm `sqrt(dim)` (entries of unit
+  scale, like a normalised activation). Same prompt, same vector, on every machine and Python
+  version.
+- `lsd_jax.minilm.MiniLMPromptEncoder` ("minilm"): all-MiniLM-L6-v2 in Flax NNX, 384 wide, unit
+  norm; its identity names the sha256 of the weights it runs.
 - `PrecomputedPromptEncoder`: a table of embeddings made elsewhere (e.g. a frozen text encoder).
 
-Every encoder caches its embedding per prompt string, so switching prompts mid-stream costs a
-dictionary lookup per frame. Cached vectors are read-only.
+Every encoder keeps a bounded LRU cache of its embeddings per prompt string (`cache_size`
+entries), so switching prompts mid-stream costs a dictionary lookup per frame and a prompt is run
+through the encoder once while it stays among the recent ones. Cached vectors are read-only.
+
+A model records the identity of the encoder it was trained with (`encoder_record`); loading it
+with another one is an error (`check_encoder_record`). `nearest_prompt` finds, among the prompts
+a model was trained on, the one whose embedding is nearest a new prompt's.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import abc
 import hashlib
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -26,6 +37,8 @@ import numpy as np
 from lsd_jax.config import Config
 
 _WORD = re.compile(r"[a-z0-9]+")
+HASHED_ID = "hashed-v1"
+DEFAULT_CACHE_SIZE = 1024
 
 
 class PromptError(ValueError):
@@ -33,28 +46,56 @@ class PromptError(ValueError):
 
 
 class PromptEncoder(abc.ABC):
-    """Base: `encode(prompt) -> [dim]` (cached), `encode_batch(prompts) -> [len(prompts), dim]`."""
+    """Base: `encode(prompt) -> [dim]` (LRU-cached), `encode_batch(prompts) -> [len(prompts), dim]`.
+
+    `name` is short, for messages; `identity` names the function the encoder computes (recorded
+    with trained models); the cache holds the `cache_size` most recently used prompts;
+    `cache_info()` counts hits and misses.
+    """
 
     dim: int
+    name: str = "unnamed"
+    identity: str = "unnamed"
 
-    def __init__(self):
-        self._cache: dict[str, np.ndarray] = {}
+    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE):
+        if cache_size < 1:
+            raise PromptError(f"prompt cache_size={cache_size}, expected >= 1")
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = self._misses = 0
 
     @abc.abstractmethod
     def _embed(self, prompt: str) -> np.ndarray:
         """The embedding `[dim]` of one prompt (uncached)."""
 
     def encode(self, prompt: str) -> np.ndarray:
-        """float32 `[dim]`, read-only, computed once per prompt string."""
-        if prompt not in self._cache:
-            vector = np.array(self._embed(prompt), np.float32)
-            vector.flags.writeable = False
+        """float32 `[dim]`, read-only; computed once while `prompt` stays in the LRU cache."""
+        with self._lock:
+            vector = self._cache.get(prompt)
+            if vector is not None:
+                self._cache.move_to_end(prompt)
+                self._hits += 1
+                return vector
+        vector = np.array(self._embed(prompt), np.float32)
+        vector.flags.writeable = False
+        with self._lock:
+            self._misses += 1
             self._cache[prompt] = vector
-        return self._cache[prompt]
+            self._cache.move_to_end(prompt)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return vector
 
     def encode_batch(self, prompts: Sequence[str]) -> np.ndarray:
         """float32 `[len(prompts), dim]`: one row per stream."""
         return np.stack([self.encode(p) for p in prompts])
+
+    def cache_info(self) -> dict:
+        """`{"hits", "misses", "size", "max_size"}` of the embedding cache."""
+        with self._lock:
+            return {"hits": self._hits, "misses": self._misses, "size": len(self._cache),
+                    "max_size": self.cache_size}
 
 
 def _word_vector(word: str, dim: int) -> np.ndarray:
@@ -76,10 +117,12 @@ class HashedPromptEncoder(PromptEncoder):
     with no words ("" or "!!") is the zero vector: no prompt.
     """
 
-    def __init__(self, dim: int):
+    name, identity = "hashed", HASHED_ID
+
+    def __init__(self, dim: int, cache_size: int = DEFAULT_CACHE_SIZE):
         if dim < 1:
             raise PromptError(f"prompt dim={dim}, expected >= 1")
-        super().__init__()
+        super().__init__(cache_size)
         self.dim = dim
 
     def _embed(self, prompt: str) -> np.ndarray:
@@ -92,6 +135,8 @@ class HashedPromptEncoder(PromptEncoder):
 
 class PrecomputedPromptEncoder(PromptEncoder):
     """Embeddings looked up in a table `{prompt: vector [dim]}`; prompts are matched exactly."""
+
+    name = identity = "precomputed"
 
     def __init__(self, table: Mapping[str, np.ndarray]):
         if not table:
@@ -116,14 +161,100 @@ class PrecomputedPromptEncoder(PromptEncoder):
 
 def make_prompt_encoder(cfg: Config, table: Mapping[str, np.ndarray] | None = None):
     """The encoder for `cfg`: None when the model takes no prompt (`model.prompt_dim == 0`),
-    `PrecomputedPromptEncoder(table)` when a table is given, else `HashedPromptEncoder`."""
+    `PrecomputedPromptEncoder(table)` when a table is given, else the one `prompt.encoder` names
+    (`HashedPromptEncoder(model.prompt_dim)`, or the shared all-MiniLM-L6-v2 encoder)."""
     dim = cfg.model.prompt_dim
     if dim == 0:
         return None
     if table is None:
-        return HashedPromptEncoder(dim)
-    encoder = PrecomputedPromptEncoder(table)
+        if cfg.prompt.encoder == "minilm":
+            from lsd_jax.minilm import load_minilm_encoder
+
+            encoder = load_minilm_encoder()
+        else:
+            return HashedPromptEncoder(dim)
+    else:
+        encoder = PrecomputedPromptEncoder(table)
     if encoder.dim != dim:
-        raise PromptError(f"precomputed prompt embeddings have length {encoder.dim}, expected "
-                          f"model.prompt_dim={dim}")
+        raise PromptError(f"{type(encoder).__name__} embeddings have length {encoder.dim}, "
+                          f"expected model.prompt_dim={dim}")
     return encoder
+
+
+def prompt_encoder_id(cfg: Config) -> str:
+    """The identity of the encoder `cfg` names: "none" (no prompt), `HASHED_ID`, or
+    all-MiniLM-L6-v2 with the sha256 of its weights file."""
+    if cfg.model.prompt_dim == 0:
+        return "none"
+    if cfg.prompt.encoder == "minilm":
+        from lsd_jax.minilm_files import MINILM_ID
+
+        return MINILM_ID
+    return HASHED_ID
+
+
+def encoder_record(cfg: Config) -> dict:
+    """What a checkpoint or an artifact records about its prompt encoder:
+    `{"encoder": "none" | "hashed" | "minilm", "id": str, "dim": int}`."""
+    name = "none" if cfg.model.prompt_dim == 0 else cfg.prompt.encoder
+    return {"encoder": name, "id": prompt_encoder_id(cfg), "dim": cfg.model.prompt_dim}
+
+
+def legacy_encoder_record(prompt_dim: int) -> dict:
+    """The record of a model saved before encoders were recorded: the hashed encoder (or none)."""
+    if prompt_dim == 0:
+        return {"encoder": "none", "id": "none", "dim": 0}
+    return {"encoder": "hashed", "id": HASHED_ID, "dim": prompt_dim}
+
+
+def check_encoder_record(record: dict, cfg: Config, what: str) -> None:
+    """Raise `PromptError` when `cfg` would encode prompts with another encoder than the one
+    `record` says the model `what` was trained with."""
+    wanted = encoder_record(cfg)
+    if record.get("id") != wanted["id"] or record.get("dim") != wanted["dim"]:
+        raise PromptError(
+            f"{what} was trained with the prompt encoder {record.get('encoder')!r} (id "
+            f"{record.get('id')!r}, {record.get('dim')} wide); the config asks for "
+            f"{wanted['encoder']!r} (id {wanted['id']!r}, {wanted['dim']} wide): a model only "
+            f"understands the encoder it was trained with (prompt.encoder="
+            f"{record.get('encoder')!r})")
+
+
+def encoder_from_record(record: dict):
+    """The encoder a record (`encoder_record`) names, or None for "none"; `PromptError` when this
+    lsd computes no encoder of that identity and width."""
+    name, identity, dim = record.get("encoder"), record.get("id"), record.get("dim")
+    if name == "none":
+        return None
+    if name == "hashed" and identity == HASHED_ID and isinstance(dim, int) and dim > 0:
+        return HashedPromptEncoder(dim)
+    from lsd_jax.config import PROMPT_ENCODER_DIMS
+    from lsd_jax.minilm_files import MINILM_ID
+
+    if name == "minilm" and identity == MINILM_ID and dim == PROMPT_ENCODER_DIMS["minilm"]:
+        from lsd_jax.minilm import load_minilm_encoder
+
+        return load_minilm_encoder()
+    raise PromptError(f"prompt encoder {name!r} (id {identity!r}, {dim} wide) is not one this lsd "
+                      f"computes, expected 'hashed' (id {HASHED_ID!r}) or 'minilm' (id "
+                      f"{MINILM_ID!r}, {PROMPT_ENCODER_DIMS['minilm']} wide)")
+
+
+def cosine_similarity(a_d: np.ndarray, b_d: np.ndarray) -> float:
+    """Cosine of the angle between two vectors `[d]`; 0.0 when either is zero (no words)."""
+    a_d, b_d = np.asarray(a_d, np.float64), np.asarray(b_d, np.float64)
+    norms = np.linalg.norm(a_d) * np.linalg.norm(b_d)
+    return float(a_d @ b_d / norms) if norms > 0 else 0.0
+
+
+def nearest_prompt(encoder: PromptEncoder, prompt: str,
+                   candidates: Sequence[str]) -> tuple[str, float]:
+    """The candidate (e.g. a model's trained prompts) whose embedding under `encoder` has the
+    largest cosine similarity with `prompt`'s, and that similarity in [-1, 1]; the first such
+    candidate on a tie."""
+    if not candidates:
+        raise PromptError(f"no candidate prompts to compare {prompt!r} with, expected at least one")
+    query_d = encoder.encode(prompt)
+    sims = [cosine_similarity(query_d, encoder.encode(c)) for c in candidates]
+    best = int(np.argmax(sims))
+    return candidates[best], sims[best]
