@@ -1,11 +1,15 @@
 """Model checkpoints: the weights and the config that built them, in one directory.
 
-    DIR/config.json   the full config tree (`lsd_jax.config.to_dict`) and a format version
+    DIR/config.json   the full config tree (`lsd_jax.config.to_dict`), a format version and the
+                      prompt encoder the model was trained with (`prompt_encoder`: its name,
+                      identity and width, `lsd_jax.prompt.encoder_record`)
     DIR/params/       an orbax checkpoint of `nnx.state(model, nnx.Param)`
 
 This is what `lsd convert`, `lsd export`, `lsd stream`, `lsd serve` and `lsd eval` read, and what
 training writes for its (EMA) weights. `load_model` restores straight into a model built from the
-stored config, so no weights are allocated twice.
+stored config, so no weights are allocated twice. A checkpoint written before encoders were
+recorded was trained with the hashed encoder and is read as such; loading a checkpoint with a
+config (after overrides) whose prompt encoder differs from the recorded one is a `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ from lsd_jax.config import (
     to_dict,
 )
 from lsd_jax.model import DiT, abstract_model, model_from_params
+from lsd_jax.prompt import (
+    PromptError,
+    check_encoder_record,
+    encoder_record,
+    legacy_encoder_record,
+)
 
 __all__ = ["CheckpointError", "load_config_from", "load_model", "save_model"]
 
@@ -42,11 +52,13 @@ def save_model(directory: str | Path, cfg: Config, model: DiT) -> Path:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", nnx.state(model, nnx.Param))
     (directory / "config.json").write_text(json.dumps(
-        {"format": FORMAT, "version": VERSION, "config": to_dict(cfg)}, indent=2))
+        {"format": FORMAT, "version": VERSION, "config": to_dict(cfg),
+         "prompt_encoder": encoder_record(cfg)}, indent=2))
     return directory
 
 
 def load_config_from(directory: str | Path, overrides=()) -> Config:
+    """The stored config with `overrides` applied; its prompt encoder must be the recorded one."""
     directory = Path(directory)
     meta_path = directory / "config.json"
     if not meta_path.is_file():
@@ -64,7 +76,13 @@ def load_config_from(directory: str | Path, overrides=()) -> Config:
     except (ConfigError, TypeError, KeyError) as err:
         raise CheckpointError(f"{str(meta_path)!r} holds a config this version cannot read: "
                               f"{err}") from None
-    return apply_overrides(cfg, list(overrides))
+    record = meta.get("prompt_encoder") or legacy_encoder_record(cfg.model.prompt_dim)
+    cfg = apply_overrides(cfg, list(overrides))
+    try:
+        check_encoder_record(record, cfg, f"checkpoint {str(directory)!r}")
+    except PromptError as err:
+        raise CheckpointError(str(err)) from None
+    return cfg
 
 
 def load_model(directory: str | Path, overrides=()) -> tuple[Config, DiT]:

@@ -22,8 +22,12 @@ arrays), so deserializing it needs no Flax pytree types and no model code:
        [, external_bx]) -> (cache_k, cache_v, slot, num_valid, rng, out_bhwc_uint8)
 
 Prompts are strings at serve time and a string cannot be an array input, so the prompt encoder runs
-on the host, outside the artifact: the header names it (`hashed` with its dimension: the built-in
-`HashedPromptEncoder`, pure numpy and deterministic on every machine) and the loader rebuilds it.
+on the host, outside the artifact: the header's `prompt` names it, its identity and its width
+(`hashed`, id `hashed-v1`: the built-in `HashedPromptEncoder`, pure numpy and deterministic on
+every machine; `minilm`, id naming the sha256 of its weights: all-MiniLM-L6-v2, whose Flax NNX
+encoder and verified files `lsd_jax.minilm` loads on the host) and the loader rebuilds it; an
+identity this lsd cannot rebuild is an `ArtifactError`. A header without an id (written before
+ids were recorded) means the hashed encoder.
 The state is that of `lsd_jax.streaming.StreamState` (same fields, same order); a stream is reset by
 setting its `num_valid` entry to 0.
 """
@@ -67,12 +71,20 @@ def _variant_name(batch: int, steps: int) -> str:
     return f"step_b{batch}_k{steps}"
 
 
+_ENCODER_CLASSES = {"hashed": "lsd_jax.prompt.HashedPromptEncoder",
+                    "minilm": "lsd_jax.minilm.MiniLMPromptEncoder"}
+
+
 def prompt_handling(cfg: Config) -> dict:
-    """How prompt strings become the step's `prompt_bp` input; recorded in the header."""
-    if cfg.model.prompt_dim == 0:
-        return {"encoder": "none", "dim": 0, "runs": "the model takes no prompt"}
-    return {"encoder": "hashed", "dim": cfg.model.prompt_dim,
-            "runs": "on the host, outside the artifact (lsd_jax.prompt.HashedPromptEncoder)"}
+    """How prompt strings become the step's `prompt_bp` input; recorded in the header:
+    `{"encoder", "id", "dim", "runs"}` (`lsd_jax.prompt.encoder_record` and where it runs)."""
+    from lsd_jax.prompt import encoder_record
+
+    record = encoder_record(cfg)
+    if record["encoder"] == "none":
+        return {**record, "runs": "the model takes no prompt"}
+    return {**record, "runs": f"on the host, outside the artifact "
+                              f"({_ENCODER_CLASSES[record['encoder']]})"}
 
 
 def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
@@ -194,13 +206,16 @@ class Artifact:
         return tuple(self.header["steps"])
 
     def prompt_encoder(self):
-        """The host-side prompt encoder the header names, or None when the model takes none."""
-        from lsd_jax.prompt import HashedPromptEncoder
+        """The host-side prompt encoder the header names, or None when the model takes none;
+        `ArtifactError` when its identity is not one this lsd can rebuild."""
+        from lsd_jax.prompt import PromptError, encoder_from_record, legacy_encoder_record
 
         prompt = self.header["prompt"]
-        if prompt["encoder"] == "none":
-            return None
-        return HashedPromptEncoder(prompt["dim"])
+        record = prompt if "id" in prompt else legacy_encoder_record(prompt["dim"])
+        try:
+            return encoder_from_record(record)
+        except PromptError as err:
+            raise ArtifactError(f"{str(self.path)!r}: {err}") from None
 
     def init_state(self, batch: int, seed: int = 0) -> tuple:
         """An empty stream state for `batch` streams: `(cache_k, cache_v, slot, num_valid, rng)`."""
