@@ -121,16 +121,19 @@ def _run_export(args) -> int:
 # ----------------------------------------------------------------------------- lsd stream
 
 
-def _note_demo_prompts(prompts: list[str]) -> None:
-    """The demo model was trained on the nine prompts of `train/tasks.py`; say so when asked for
-    another (the hashed encoder still embeds it, between the styles it shares words with)."""
-    from train.tasks import TASKS
-
-    known = [t.prompt for t in TASKS]
-    unknown = sorted({p for p in prompts if p.strip().lower() not in known})
-    if unknown:
-        _say(f"lsd stream: note: the demo model was trained on the prompts {known}; "
-             f"{unknown} will blend the styles whose words they share")
+def _note_untrained_prompts(engine, prompts: list[str]) -> None:
+    """For each prompt the model was not trained on, say which trained prompt (`train/tasks.py`)
+    is nearest it under the model's encoder, with the cosine similarity."""
+    seen = set()
+    for prompt in prompts:
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        near = engine.nearest_trained(prompt)
+        if near is not None and not near["trained"]:
+            _say(f"lsd stream: note: {prompt!r} is not a prompt the model was trained on; the "
+                 f"nearest trained prompt is {near['nearest']!r} (cosine similarity "
+                 f"{near['similarity']:.2f} under the {engine.prompt_encoder.name} encoder)")
 
 
 def _run_stream(args) -> int:
@@ -139,8 +142,7 @@ def _run_stream(args) -> int:
     schedule = parse_prompt_schedule(args.prompt, args.prompt_schedule)
     engine = _engine(args, max_steps=args.steps)
     _say(f"lsd stream: {engine.describe}")
-    if args.checkpoint is None and args.artifact is None and args.config is None:
-        _note_demo_prompts([p for _, p in schedule])  # the built-in demo model
+    _note_untrained_prompts(engine, [p for _, p in schedule])
     result = run_stream(engine, args.input, args.out, schedule, steps=args.steps,
                         side_by_side=args.side_by_side, max_frames=args.max_frames,
                         show_progress=not args.no_progress and not args.json, seed=args.seed)

@@ -5,6 +5,9 @@ untrained model.
     state = engine.init_state(batch)
     state, out_bhwc_uint8 = engine.step(state, frames_bhwc_uint8, prompt_bp, steps)
 
+`engine.nearest_trained(prompt)` names the prompt the model was trained on (the tasks of
+`train/tasks.py` its config selects) that is nearest `prompt` under the model's encoder.
+
 The state is the 5-tuple `(cache_k, cache_v, slot, num_valid, rng)` of `StreamState` and is donated.
 An artifact holds fixed (batch, steps) variants (`engine.batches`, `engine.steps`); a model built
 in process compiles any batch size on first use (`engine.batches` is None) and any step count up to
@@ -32,7 +35,8 @@ from lsd_jax.config import Config
 class Engine:
     """A streaming step and what a frame loop needs to know about it.
 
-    `describe` says where the weights come from; `untrained` is True for random weights.
+    `describe` says where the weights come from; `untrained` is True for random weights;
+    `trained_prompts` are the prompts it was trained on (empty when unknown or untrained).
     """
 
     frame_hw: tuple[int, int]
@@ -44,6 +48,7 @@ class Engine:
     external_dim: int
     _init_state: object
     _step_for: object
+    trained_prompts: tuple[str, ...] = ()
 
     @property
     def max_steps(self) -> int:
@@ -57,6 +62,20 @@ class Engine:
         if self.prompt_encoder is None:
             return None
         return self.prompt_encoder.encode_batch(list(prompts))
+
+    def nearest_trained(self, prompt: str) -> dict | None:
+        """`{"nearest": str, "similarity": float, "trained": bool}`: the trained prompt whose
+        embedding is nearest `prompt`'s (cosine similarity), and whether the embeddings are equal
+        (the prompt is a trained one, up to what the encoder ignores); None when the model takes
+        no prompt or its trained prompts are unknown."""
+        from lsd_jax.prompt import nearest_prompt
+
+        if self.prompt_encoder is None or not self.trained_prompts:
+            return None
+        nearest, similarity = nearest_prompt(self.prompt_encoder, prompt, self.trained_prompts)
+        trained = bool(np.array_equal(self.prompt_encoder.encode(prompt),
+                                      self.prompt_encoder.encode(nearest)))
+        return {"nearest": nearest, "similarity": similarity, "trained": trained}
 
     def step(self, state, frames_bhwc, prompt_bp=None, steps: int | None = None):
         """One frame for each of the `b` streams: `(state, out_bhwc_uint8)`; `state` is donated."""
@@ -81,6 +100,16 @@ class Engine:
             raise ValueError(f"{n} streams, expected at most {max(self.batches)} (the largest "
                              f"batch size of this engine: {list(self.batches)})")
         return min(fits)
+
+
+def trained_prompts(prompt_dim: int, tasks: str) -> tuple[str, ...]:
+    """The prompts `lsd train` gives a model with `model.prompt_dim` and `data.tasks` (those of
+    the tasks it selects in `train/tasks.py`); () when the model takes no prompt."""
+    from train.tasks import select_tasks
+
+    if prompt_dim == 0:
+        return ()
+    return tuple(task.prompt for task in select_tasks(tasks))
 
 
 def untrained_model(cfg: Config, seed: int = 0):
@@ -113,7 +142,9 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
                   describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),
                   external_dim=cfg.model.external_cond_dim,
                   _init_state=lambda batch, seed: init_stream(cfg, batch, seed),
-                  _step_for=step_for)
+                  _step_for=step_for,
+                  trained_prompts=() if untrained else trained_prompts(cfg.model.prompt_dim,
+                                                                       cfg.data.tasks))
 
 
 def artifact_engine(path: str | Path) -> Engine:
@@ -123,13 +154,16 @@ def artifact_engine(path: str | Path) -> Engine:
     art = load_artifact(path)
     untrained = bool(art.header["untrained"])
     source = art.header["source"] or "unknown weights"
+    config = art.header["config"]
+    known = () if untrained else trained_prompts(config["model"]["prompt_dim"],
+                                                 config.get("data", {}).get("tasks", "all"))
     return Engine(frame_hw=art.frame_hw, steps=art.steps, batches=art.batches,
                   describe=f"artifact {path} ({source}; batches {list(art.batches)}, steps "
                            f"{list(art.steps)})",
                   untrained=untrained, prompt_encoder=art.prompt_encoder(),
                   external_dim=art.header["config"]["model"]["external_cond_dim"],
                   _init_state=art.init_state,
-                  _step_for=lambda batch, k: art.step(batch, k))
+                  _step_for=lambda batch, k: art.step(batch, k), trained_prompts=known)
 
 
 def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,

@@ -186,6 +186,12 @@ class FrameLoop:
     def set_prompt(self, session: Session, prompt: str) -> None:
         session.prompt, session.prompt_vec = prompt, self._prompt_vec(prompt)
 
+    async def set_prompt_async(self, session: Session, prompt: str) -> None:
+        """`set_prompt` with the encoding in a worker thread: a new prompt through a neural
+        encoder does not hold up the event loop (and every other session) meanwhile."""
+        vec = await asyncio.to_thread(self._prompt_vec, prompt)
+        session.prompt, session.prompt_vec = prompt, vec
+
     def put_frame(self, session: Session, frame_hwc: np.ndarray) -> None:
         """Latest frame wins: replace a frame still waiting, counting it as dropped."""
         session.frames_in += 1
@@ -464,8 +470,18 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
             if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
                 return await reply_error(session, "bad_value", f"prompt text {prompt!r:.60}, "
                                          f"expected a string of at most {MAX_PROMPT_CHARS} chars")
-            loop.set_prompt(session, prompt)
+            await loop.set_prompt_async(session, prompt)
             return await session.send({**ack, "prompt": prompt})
+        if kind == "nearest":
+            text = message.get("text")
+            if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+                return await reply_error(session, "bad_value", f"nearest text {text!r:.60}, "
+                                         f"expected a string of at most {MAX_PROMPT_CHARS} chars")
+            near = await asyncio.to_thread(engine.nearest_trained, text)
+            near = near or {"nearest": None, "similarity": None, "trained": None}
+            encoder = engine.prompt_encoder
+            return await session.send({**ack, "type": "nearest", "text": text, **near,
+                                       "encoder": None if encoder is None else encoder.name})
         if kind == "reset":
             session.reset_requested = True
             return await session.send(ack)
@@ -483,7 +499,7 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
                 "prompt": session.prompt, "steps": session.steps,
                 "sessions": len(loop.sessions)})
         return await reply_error(session, "unknown_type", f"message type {kind!r}, expected one "
-                                 "of prompt, reset, steps, stats")
+                                 "of prompt, nearest, reset, steps, stats")
 
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)

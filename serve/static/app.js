@@ -17,6 +17,28 @@ const grab = document.createElement("canvas");
 
 function showError(text) { $("error").textContent = text; }
 
+// The nearest trained prompt to what is in the prompt box, asked for as the user types (after a
+// short pause) and shown under it: {"type": "nearest"} in serve/PROTOCOL.md.
+let nearestTimer = null;
+function askNearest() {
+  clearTimeout(nearestTimer);
+  nearestTimer = setTimeout(() => {
+    if (ws && ws.readyState === WebSocket.OPEN) send({type: "nearest", text: $("prompt").value});
+  }, 200);
+}
+
+function showNearest(message) {
+  if (message.text !== $("prompt").value) return;  // an answer about older text
+  if (message.nearest === null) {
+    $("nearest").textContent = "";
+  } else if (message.trained) {
+    $("nearest").textContent = "a prompt the model was trained on";
+  } else {
+    $("nearest").textContent = `nearest trained prompt: "${message.nearest}" (cosine ` +
+      `similarity ${message.similarity.toFixed(2)}, ${message.encoder} encoder)`;
+  }
+}
+
 function median(values) {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.floor(sorted.length / 2)];
@@ -101,7 +123,10 @@ function onControl(message) {
       $("note").textContent = "The model is untrained (random weights): the output shows the " +
         "loop running, not a style.";
     }
+    askNearest();
     captureLoop();
+  } else if (message.type === "nearest") {
+    showNearest(message);
   } else if (message.type === "frame") {
     pendingMeta = message;  // its JPEG is the next binary message
   } else if (message.type === "error") {
@@ -148,6 +173,7 @@ $("start").onclick = start;
 $("stop").onclick = stop;
 $("set-prompt").onclick = () => ws && send({type: "prompt", text: $("prompt").value, id: Date.now()});
 $("prompt").onkeydown = (event) => { if (event.key === "Enter") $("set-prompt").click(); };
+$("prompt").oninput = askNearest;
 $("steps").onchange = () => ws && send({type: "steps", steps: Number($("steps").value)});
 $("reset").onclick = () => ws && send({type: "reset", id: Date.now()});
 if (params.get("autostart")) {
