@@ -187,13 +187,25 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
     assert payload[0]["model"] == "demo" and set(payload[0]["tasks"]) == {"sepia",
                                                                           "motion_trails"}
     metrics = payload[0]["tasks"]["sepia"]["steps"]["2"]
-    assert set(metrics) == {"psnr", "ssim", "flicker"} and 5 < metrics["psnr"] < 60
+    assert set(metrics) == {"psnr", "ssim", "flicker", "margin", "meets_floor"}
+    assert 5 < metrics["psnr"] < 60
+    sepia = payload[0]["tasks"]["sepia"]
+    assert metrics["margin"] == pytest.approx(metrics["psnr"] - max(sepia["baselines"].values()))
+    # A colour map is close to exact for sepia (a 3x3 matrix, clipped).
+    assert sepia["baselines"]["affine"] > 30 > sepia["baselines"]["copy_input"]
     assert json.loads((tmp_path / "out" / "quality.json").read_text()) == payload
     text = report.read_text()
     assert text.startswith("# Notes kept\n") and "| sepia | an old sepia photograph |" in text
     for name in ("quality_psnr.png", "quality_strips.jpg", "quality.json"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    # Without --out and --report nothing is written; a report needs --out.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["eval", "--clips", "1", "--frames", "3", "--steps", "1", "--tasks", "negative",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert main(["eval", "--report", str(report)]) == 2
+    assert "also give --out" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -230,9 +242,18 @@ def test_browser_page_offers_the_trained_prompts():
 
 def test_progress_without_a_terminal_prints_tenths(capsys):
     """Logs and CI get one line per 10% (rich draws nothing there)."""
-    with evaluate.progress_bar("drift x", 50) as advance:
+    from lsd_jax.progress import progress_bar
+
+    with progress_bar("drift x", 50) as tracker:
         for _ in range(50):
-            advance()
+            tracker.advance()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("drift x")]
     assert len(lines) == 10 and lines[0].startswith("drift x: 5/50 (10%)")
     assert lines[-1].startswith("drift x: 50/50 (100%)")
+    # A resumed run: tenths of the remaining work, with the note (the loss).
+    with progress_bar("train", 400, start=300) as tracker:
+        for step in range(301, 401):
+            tracker.update(step, f"loss {1 / step:.4f}")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train")]
+    assert len(lines) == 10 and lines[0].startswith("train: 310/400 (78%)")
+    assert lines[-1].startswith("train: 400/400 (100%)") and lines[-1].endswith("loss 0.0025")

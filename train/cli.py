@@ -121,6 +121,10 @@ def _run_train(args: argparse.Namespace) -> int:
         lambda msg: None)
     result = trainer.train(cfg, args.workdir, resume=args.resume,
                            progress=not args.no_progress, log=log)
+    from pathlib import Path
+
+    log(f"step {result['step']}: model (EMA weights) written to "
+        f"{Path(args.workdir) / 'model'}; checkpoints in {Path(args.workdir) / 'checkpoints'}")
     if args.json and jax.process_index() == 0:
         print(json.dumps(result, indent=2))
     if result["stopped_by"] is not None:
@@ -190,9 +194,11 @@ def _register_eval(commands) -> None:
     parser.add_argument("--period", type=_positive_int, default=1000,
                         help="period of the drift camera path, frames (first/last windows)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="docs/eval", help="directory for JSON, PNG and npz")
-    parser.add_argument("--report", default="EVAL.md",
-                        help="markdown file whose section --section is (re)written")
+    parser.add_argument("--out", default=None,
+                        help="directory for JSON, PNG and npz (default: write no files)")
+    parser.add_argument("--report", default=None,
+                        help="markdown file whose section --section is (re)written (needs "
+                             "--out for its pictures; default: no report)")
     parser.add_argument("--section", default=None,
                         help="name of the report section and file prefix (default: quality or "
                              "drift)")
@@ -211,12 +217,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     from train import eval_report, evaluate
 
     specs = args.checkpoint or ["demo"]
-    out_dir, report = Path(args.out), Path(args.report)
+    if args.report and not args.out:
+        raise ConfigError(f"lsd eval --report {args.report}: also give --out DIR for the "
+                          "report's pictures and JSON")
+    out_dir = Path(args.out) if args.out else None
+    report = Path(args.report) if args.report else None
     section = args.section or args.what
     models = [evaluate.resolve_model(spec) for spec in specs]
 
     def rel(path: Path) -> str:
-        return os.path.relpath(path.absolute(), report.absolute().parent)
+        base = report.absolute().parent if report else Path.cwd()
+        return os.path.relpath(path.absolute(), base)
 
     if args.what == "quality":
         steps = args.steps or evaluate.QUALITY_STEPS
@@ -225,10 +236,12 @@ def _run_eval(args: argparse.Namespace) -> int:
                                              tasks=args.tasks, split=args.split,
                                              progress=not args.no_progress)
                    for m in models]
-        plot = eval_report.plot_quality(results, out_dir / f"{section}_psnr.png")
-        strips = eval_report.strips_picture(results[0], out_dir / f"{section}_strips.jpg")
-        pictures = {"PSNR by denoising steps": rel(plot),
-                    f"input | output | target, {results[0]['model']}": rel(strips)}
+        pictures = {}
+        if out_dir:
+            plot = eval_report.plot_quality(results, out_dir / f"{section}_psnr.png")
+            strips = eval_report.strips_picture(results[0], out_dir / f"{section}_strips.jpg")
+            pictures = {"PSNR by denoising steps": rel(plot),
+                        f"input | output | target, {results[0]['model']}": rel(strips)}
         body = eval_report.quality_markdown(results, pictures=pictures)
         k3 = 3 if 3 in steps else steps[0]
         kmax = max(steps)
@@ -248,23 +261,31 @@ def _run_eval(args: argparse.Namespace) -> int:
             r = evaluate.evaluate_drift(m, frames=frames, steps=steps, task=args.task,
                                         period=args.period, seed=args.seed,
                                         progress=not args.no_progress)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out_dir / f"{section}_{_slug(m.label)}_psnr.npz", psnr=r["psnr"])
+            if out_dir:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(out_dir / f"{section}_{_slug(m.label)}_psnr.npz",
+                                    psnr=r["psnr"])
             results.append(r)
             print(f"{m.label}: PSNR first {args.period} {r['first_mean']:.2f} dB, last "
                   f"{r['last_mean']:.2f} dB ({r['delta_db']:+.2f}) over {frames:,} frames",
                   file=sys.stderr)
-        plot = eval_report.plot_drift(results, out_dir / f"{section}.png")
-        body = eval_report.drift_markdown(results, pictures={"PSNR over the stream": rel(plot)})
+        pictures = {}
+        if out_dir:
+            plot = eval_report.plot_drift(results, out_dir / f"{section}.png")
+            pictures = {"PSNR over the stream": rel(plot)}
+        body = eval_report.drift_markdown(results, pictures=pictures)
     payload = [evaluate.json_ready(r) for r in results]
-    evaluate.save_json(out_dir / f"{section}.json", payload)
-    import shlex
+    if out_dir:
+        evaluate.save_json(out_dir / f"{section}.json", payload)
+        print(f"wrote {out_dir}/{section}*", file=sys.stderr)
+    if report:
+        import shlex
 
-    command = "lsd eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
-    if command:
-        body = f"`{command}`\n\n" + body
-    evaluate.replace_section(report, section, body)
-    print(f"wrote {report} (section {section}) and {out_dir}/{section}*", file=sys.stderr)
+        command = "lsd eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
+        if command:
+            body = f"`{command}`\n\n" + body
+        evaluate.replace_section(report, section, body)
+        print(f"wrote {report} (section {section})", file=sys.stderr)
     if args.json:
         print(json.dumps(payload, indent=2))
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.baselines import COLOR_MAPS
 from train.evaluate import TEMPORAL_TASKS
 
 
@@ -41,19 +42,39 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
         lines.append(f"**{res['model']}** (`{res['spec']}`, config {res['config']}): PSNR (dB) "
                      f"by denoising steps; SSIM and flicker at {kk} steps")
         lines.append("")
+        base = res.get("baseline_summary") is not None
+        extra = (f" | copy input | colour map | floor | margin@{kk} |" if base else " |")
         lines.append("| task | prompt | " + " | ".join(f"{k} steps" for k in ks)
-                     + f" | SSIM@{kk} | flicker@{kk} |")
-        lines.append("|---|---|" + "---:|" * (len(ks) + 2))
+                     + f" | SSIM@{kk} | flicker@{kk}" + extra)
+        lines.append("|---|---|" + "---:|" * (len(ks) + 2 + 4 * base))
         for name, task in res["tasks"].items():
             cells = " | ".join(f"{task['steps'][k]['psnr']:.2f}" for k in ks)
-            lines.append(f"| {name} | {task['prompt']} | {cells} | "
-                         f"{task['steps'][kk]['ssim']:.3f} | {task['steps'][kk]['flicker']:.2f} |")
+            row = (f"| {name} | {task['prompt']} | {cells} | "
+                   f"{task['steps'][kk]['ssim']:.3f} | {task['steps'][kk]['flicker']:.2f} |")
+            if base:
+                b = task["baselines"]
+                color = max(b[kind] for kind in COLOR_MAPS)
+                mark = "" if task["steps"][kk]["meets_floor"] else " (below floor)"
+                row += (f" {b['copy_input']:.2f} | {color:.2f} | {task['floor']:.2f} | "
+                        f"{task['steps'][kk]['margin']:+.2f}{mark} |")
+            lines.append(row)
         s = res["summary"]
+        blank = " | | |" + " | | | |" * base
         lines.append("| **mean, per-frame tasks** | | " + " | ".join(
-            f"**{s[k]['per_frame_psnr']:.2f}**" for k in ks) + " | | |")
+            f"**{s[k]['per_frame_psnr']:.2f}**" for k in ks) + blank)
         lines.append("| **temporal task** | | " + " | ".join(
-            f"**{s[k]['temporal_psnr']:.2f}**" for k in ks) + " | | |")
+            f"**{s[k]['temporal_psnr']:.2f}**" for k in ks) + blank)
         lines.append("")
+        if base:
+            bs = res["baseline_summary"]["per_frame_psnr"]
+            lines.append(
+                f"Floors: copy input, and the best per-pixel colour map (affine or quadratic in "
+                f"RGB, least squares on validation clips); a task's floor is 1 dB above the best "
+                f"of them, at most 40 dB. Tasks at or above their floor at {kk} steps: "
+                f"{s[kk]['tasks_meeting_floor']} of {len(res['tasks'])}. Per-frame means of the "
+                f"baselines: copy input {bs['copy_input']:.2f} dB, affine {bs['affine']:.2f} dB, "
+                f"quadratic {bs['quadratic']:.2f} dB.")
+            lines.append("")
     if len(results) > 1:
         kk = results[0]["sample_steps"]
         lines.append(f"Side by side at {kk} steps:")

@@ -20,7 +20,6 @@ difference between their mean PSNR is the model's own drift.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lsd_jax.config import CheckpointError, Config, ConfigError
+from lsd_jax.progress import progress_bar
 
 QUALITY_STEPS = (1, 2, 3, 4, 8, 12)
 EVAL_SPLITS = ("heldout", "validation")
@@ -135,10 +135,14 @@ def flicker(out_thwc: np.ndarray, target_thwc: np.ndarray) -> float:
     return float(np.mean(np.abs(np.diff(out, axis=0) - np.diff(tgt, axis=0))))
 
 
+def clip_psnr(out_thwc: np.ndarray, target_thwc: np.ndarray) -> float:
+    """Mean per-frame PSNR of one clip against its target."""
+    return float(np.mean([frame_psnr(t, o) for t, o in zip(target_thwc, out_thwc, strict=True)]))
+
+
 def clip_metrics(out_thwc: np.ndarray, target_thwc: np.ndarray) -> dict[str, float]:
     """Mean per-frame PSNR and SSIM, and flicker, of one streamed clip against its target."""
-    return {"psnr": float(np.mean([frame_psnr(t, o) for t, o in zip(target_thwc, out_thwc,
-                                                                    strict=True)])),
+    return {"psnr": clip_psnr(out_thwc, target_thwc),
             "ssim": float(np.mean([frame_ssim(t, o) for t, o in zip(target_thwc, out_thwc,
                                                                     strict=True)])),
             "flicker": flicker(out_thwc, target_thwc)}
@@ -163,48 +167,6 @@ def stream_batch(model: EvalModel, cond_bthwc: np.ndarray, prompt_bp: np.ndarray
         if on_frame is not None:
             on_frame()
     return np.stack([np.asarray(o) for o in outs], axis=1)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True):
-    """A rich progress bar on stderr yielding `advance()`; a no-op when not `enabled`. When
-    stderr is not a terminal (a log file, CI), one plain line per 10% with the rate and ETA."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    import sys
-
-    if not sys.stderr.isatty():
-        done, start, next_mark = 0, time.perf_counter(), max(1, total // 10)
-
-        def advance(n=1):
-            nonlocal done, next_mark
-            done += n
-            if done >= next_mark or done == total:
-                elapsed = time.perf_counter() - start
-                rate = done / elapsed if elapsed > 0 else 0.0
-                eta = (total - done) / rate if rate > 0 else 0.0
-                print(f"{description}: {done}/{total} ({100 * done / total:.0f}%), "
-                      f"{elapsed:.0f} s, eta {eta:.0f} s", file=sys.stderr, flush=True)
-                next_mark = min(total, next_mark + max(1, total // 10))
-
-        yield advance
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"))
-    with Progress(*columns, console=Console(stderr=True), refresh_per_second=2) as bar:
-        task = bar.add_task(description, total=total, note="")
-        yield lambda n=1: bar.advance(task, n)
 
 
 # ----------------------------------------------------------------------------- quality
@@ -248,8 +210,14 @@ def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks:
 
 def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int = 4,
                      frames: int = 24, seed: int = 0, tasks: str = "all",
-                     split: str = "heldout", progress: bool = True) -> dict:
+                     split: str = "heldout", progress: bool = True,
+                     baselines: bool = True) -> dict:
     """Per task and step count: PSNR, SSIM, flicker on held-out clips (module docstring).
+
+    With `baselines`, every task also gets the PSNR of the floors of `train/baselines.py`
+    (`"baselines": {kind: psnr}`, `"floor"`: the PSNR to reach) and every step count the model's
+    `margin` over the best of them and whether it `meets_floor`; the summary counts the tasks
+    meeting their floor and gives the baselines' per-frame means.
 
     Returns `{"model", "clips", "frames", "tasks": {name: {"prompt", "steps": {k: metrics}}},
     "summary": {k: {"per_frame_psnr", "temporal_psnr", ...}}, "samples": {k: uint8 arrays}}`;
@@ -265,9 +233,10 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
     sample_k = min(steps_list, key=lambda k: abs(k - 3))
     samples = {}
     t0 = time.perf_counter()
-    with progress_bar(f"eval {model.label}", len(steps_list) * frames, progress) as advance:
+    with progress_bar(f"eval {model.label}", len(steps_list) * frames,
+                      enabled=progress) as tracker:
         for k in steps_list:
-            out = stream_batch(model, cond, prompt_bp, steps=k, seed=seed, on_frame=advance)
+            out = stream_batch(model, cond, prompt_bp, steps=k, seed=seed, on_frame=tracker.advance)
             for ti, name in enumerate(names):
                 rows = range(ti * clips, (ti + 1) * clips)
                 per_clip = [clip_metrics(out[r], target[r]) for r in rows]
@@ -275,6 +244,22 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
                                              for key in per_clip[0]}
             if k == sample_k:
                 samples = {"cond": cond[::clips], "out": out[::clips], "target": target[::clips]}
+    if baselines:
+        from train.baselines import BASELINES, baseline_outputs, fit_baselines, floor_of
+
+        fits = fit_baselines(model.cfg, tasks)
+        for ti, name in enumerate(names):
+            rows = range(ti * clips, (ti + 1) * clips)
+            per_clip = [baseline_outputs(fits[name], cond[r]) for r in rows]
+            results[name]["baselines"] = {
+                kind: float(np.mean([clip_psnr(outs[kind], target[r])
+                                     for outs, r in zip(per_clip, rows, strict=True)]))
+                for kind in BASELINES}
+            results[name]["floor"] = floor_of(results[name]["baselines"])
+            for k in steps_list:
+                step = results[name]["steps"][k]
+                step["margin"] = step["psnr"] - max(results[name]["baselines"].values())
+                step["meets_floor"] = bool(step["psnr"] >= results[name]["floor"])
     summary = {}
     for k in steps_list:
         per_frame = [r["steps"][k]["psnr"] for n, r in results.items() if n not in TEMPORAL_TASKS]
@@ -285,11 +270,23 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
             "mean_ssim": float(np.mean([r["steps"][k]["ssim"] for r in results.values()])),
             "mean_flicker": float(np.mean([r["steps"][k]["flicker"] for r in results.values()])),
         }
+        if baselines:
+            summary[k]["tasks_meeting_floor"] = sum(
+                r["steps"][k]["meets_floor"] for r in results.values())
+    baseline_summary = None
+    if baselines:
+        baseline_summary = {
+            "per_frame_psnr": {kind: float(np.mean([r["baselines"][kind] for n, r in
+                                                    results.items() if n not in TEMPORAL_TASKS]))
+                               for kind in BASELINES},
+            "per_frame_best_psnr": float(np.mean([max(r["baselines"].values()) for n, r in
+                                                  results.items() if n not in TEMPORAL_TASKS])),
+        }
     return {"model": model.label, "spec": model.spec, "config": model.cfg.name,
             "clips": clips, "frames": frames, "seed": seed, "split": split,
             "steps_list": list(steps_list),
             "sample_steps": sample_k, "seconds": time.perf_counter() - t0, "tasks": results,
-            "summary": summary, "samples": samples}
+            "summary": summary, "baseline_summary": baseline_summary, "samples": samples}
 
 
 # ----------------------------------------------------------------------------- drift
@@ -413,7 +410,7 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
     psnr = np.empty(frames, np.float32)
     kept, keep = {}, set(keep_frames)
     t0 = time.perf_counter()
-    with progress_bar(f"drift {model.label}", frames, progress) as advance:
+    with progress_bar(f"drift {model.label}", frames, enabled=progress) as tracker:
         pending = None  # overlap: score frame i-1 while the step of frame i runs
 
         def finish(j, out, target, frame):
@@ -432,7 +429,7 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
             if i == 0:
                 out.block_until_ready()
                 t0 = time.perf_counter()  # frame 0 compiled the step: time the others
-            advance()
+            tracker.advance()
         finish(*pending)
     seconds = time.perf_counter() - t0
     timed = max(frames - 1, 1)

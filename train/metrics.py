@@ -13,7 +13,6 @@ In: logged scalars per step (`Metrics.log`), the EMA parameters at sample steps
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -22,29 +21,11 @@ from pathlib import Path
 import cv2
 import jax
 import numpy as np
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from lsd_jax.config import Config
+from lsd_jax.progress import progress_bar
 
 SAMPLE_FPS = 8
-
-
-class _Bar:
-    def __init__(self, progress: Progress | None, task):
-        self._progress, self._task = progress, task
-
-    def update(self, step: int, loss: float | None) -> None:
-        if self._progress is not None:
-            text = "" if loss is None else f"loss {loss:.4f}"
-            self._progress.update(self._task, completed=step, loss=text)
 
 
 class Metrics:
@@ -65,16 +46,10 @@ class Metrics:
             self._writer = SummaryWriter(str(self.workdir / "tb"))
             self._jsonl = (self.workdir / "metrics.jsonl").open("a")
 
-    @contextlib.contextmanager
     def progress(self, start: int, total: int):
-        """A console bar with ETA (stderr), as a context yielding `update(step, loss)`."""
-        if not self.show_progress:
-            yield _Bar(None, None)
-            return
-        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
-        with Progress(*columns, console=Console(stderr=True), refresh_per_second=2) as bar:
-            yield _Bar(bar, bar.add_task("train", total=total, completed=start, loss=""))
+        """Training progress on stderr (`lsd_jax.progress`): a context yielding a tracker whose
+        `update(step, note)` takes the step reached and the loss text."""
+        return progress_bar("train", total, start, enabled=self.show_progress)
 
     def log(self, step: int, values: dict[str, float], batch_crcs: list[int]) -> None:
         if not self.enabled:

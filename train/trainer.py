@@ -382,7 +382,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
                 metrics.log(step, values, crcs)
                 last_loss = values["loss"]
                 t_log, steps_since_log, crcs = time.perf_counter(), 0, []
-            bar.update(step, last_loss)
+            bar.update(step, None if last_loss is None else f"loss {last_loss:.4f}")
             if t.save_every and step % t.save_every == 0 and step < t.steps:
                 save_checkpoint(manager, state, data_iter.get_state())
                 export_model(workdir, cfg, state["ema"])
