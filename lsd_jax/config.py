@@ -56,6 +56,12 @@ class ModelConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     window: int = 8
+    # Full-resolution convolutional path around the DiT (`PixelPath` in model.py): its width
+    # (0: off, the plain DiT), its depth in 3x3 convolutions (stem and head each), and whether the
+    # prediction is a residual over the input frame.
+    pixel_channels: int = 0
+    pixel_depth: int = 2
+    pixel_residual: bool = False
     # Per-frame conditioning vector: noise level (always), step size, prompt, external vector.
     freq_embed_dim: int = 256
     use_step_size: bool = True
@@ -77,8 +83,18 @@ class ModelConfig:
         for name in ("frame_height", "frame_width", "channels", "patch_size", "hidden_size",
                      "depth", "num_heads", "freq_embed_dim"):
             _check_positive(f"model.{name}", getattr(self, name))
-        for name in ("cond_channels", "prompt_dim", "external_cond_dim"):
+        for name in ("cond_channels", "prompt_dim", "external_cond_dim", "pixel_channels"):
             _check_positive(f"model.{name}", getattr(self, name), allow_zero=True)
+        if self.pixel_channels:
+            _check_positive("model.pixel_depth", self.pixel_depth)
+            if not self.cond_channels:
+                raise ConfigError(f"model.pixel_channels={self.pixel_channels} needs an input "
+                                  "frame: model.cond_channels=0")
+        if self.pixel_residual and (not self.pixel_channels
+                                    or self.cond_channels != self.channels):
+            raise ConfigError(f"model.pixel_residual=True needs model.pixel_channels > 0 (got "
+                              f"{self.pixel_channels}) and model.cond_channels == model.channels "
+                              f"(got {self.cond_channels} and {self.channels})")
         _check_positive("model.mlp_ratio", self.mlp_ratio)
         for name, size in (("frame_height", self.frame_height), ("frame_width", self.frame_width)):
             if size % self.patch_size:

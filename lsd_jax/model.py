@@ -160,8 +160,11 @@ class Block(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) and a Linear to `p * p * out_channels` per token: the prediction's
+    channels, and the pixel path's feature channels when it is on."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        p, c = cfg.patch_size, cfg.channels
+        p, c = cfg.patch_size, cfg.channels + cfg.pixel_channels
         self.eps = cfg.norm_eps
         self.adaLN_modulation = _linear(cfg, cfg.hidden_size, 2 * cfg.hidden_size,
                                         ("embed", "mlp"), rngs=rngs, zero=True)
@@ -171,6 +174,87 @@ class FinalLayer(nnx.Module):
     def __call__(self, x_btnd, c_btd):
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :], 2, -1)
         return self.linear(_modulate(_layer_norm(x_btnd, self.eps), shift, scale))
+
+
+def _conv(cfg: ModelConfig, d_in: int, d_out: int, kernel: int, *, rngs: nnx.Rngs,
+          zero: bool = False) -> nnx.Conv:
+    """A `kernel x kernel` SAME convolution over NHWC frames at pixel resolution."""
+    return nnx.Conv(
+        d_in, d_out, (kernel, kernel), padding="SAME", dtype=_dtype(cfg.dtype),
+        param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+        kernel_init=nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal(),
+        kernel_metadata={"out_sharding": (None, None, "pixel", "pixel"), "eager_sharding": False},
+        bias_metadata={"out_sharding": ("pixel",), "eager_sharding": False},
+    )
+
+
+def _frames_apply(fn, x_bthwc):
+    """`fn` over NHWC frames applied to `[b, t, h, w, c]` (batch and time folded together)."""
+    b, t = x_bthwc.shape[:2]
+    y = fn(x_bthwc.reshape(b * t, *x_bthwc.shape[2:]))
+    return y.reshape(b, t, *y.shape[1:])
+
+
+class PixelPath(nnx.Module):
+    """The full-resolution convolutional path around the DiT (`model.pixel_channels = F > 0`).
+
+    Residual blocks at pixel resolution, each `h + conv3x3(gelu(modulate(norm(h))))` with the
+    norm an affine-free LayerNorm over channels and the conv zero-initialised:
+
+    - `stem_features(cond_bthwc) -> feats_bthwf`: a 3x3 convolution of the input frame to `F`
+      channels and `pixel_depth - 1` unmodulated blocks. It does not see the noise level, so one
+      frame's stem is the same for every denoising pass (and is hoisted out of the denoising loop
+      by the compiler).
+    - `__call__(dit_bthwx, feats_bthwf, cond_bthwc, c_btd) -> out_bthwc`: the DiT's unpatchified
+      output holds a coarse prediction (the first `C` channels, what the plain DiT outputs) and
+      `F` feature channels. The features, the coarse prediction, the stem's features and the input
+      frame, concatenated, go through a 3x3 convolution, `pixel_depth` blocks modulated per frame
+      by the conditioning vector (shift and scale), and a modulated, zero-initialised 1x1
+      convolution: a pixel-resolution correction added to the coarse prediction. At
+      initialisation the correction is zero, so the network starts as the plain DiT. With
+      `pixel_residual` the input frame is added too: the restyle is learned as a residual over
+      the input frame.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        f, depth = cfg.pixel_channels, cfg.pixel_depth
+        self.residual = cfg.pixel_residual
+        self.approximate = cfg.gelu_approximate
+        self.eps = cfg.norm_eps
+        self.stem_in = _conv(cfg, cfg.cond_channels, f, 3, rngs=rngs)
+        self.stem = nnx.List([_conv(cfg, f, f, 3, rngs=rngs, zero=True)
+                              for _ in range(depth - 1)])
+        self.head_in = _conv(cfg, 2 * f + cfg.cond_channels + cfg.channels, f, 3, rngs=rngs)
+        self.head = nnx.List([_conv(cfg, f, f, 3, rngs=rngs, zero=True) for _ in range(depth)])
+        self.head_modulation = _linear(cfg, cfg.hidden_size, 2 * f * (depth + 1),
+                                       ("embed", "pixel"), rngs=rngs, zero=True)
+        self.out = _conv(cfg, f, cfg.channels, 1, rngs=rngs, zero=True)
+
+    def _block(self, conv, h, shift=None, scale=None):
+        x = _layer_norm(h, self.eps)
+        if shift is not None:
+            x = _modulate(x, shift, scale)
+        return h + _frames_apply(conv, jax.nn.gelu(x, approximate=self.approximate))
+
+    def stem_features(self, cond_bthwc):
+        h = _frames_apply(self.stem_in, cond_bthwc)
+        for conv in self.stem:
+            h = self._block(conv, h)
+        return h
+
+    def __call__(self, dit_bthwx, feats_bthwf, cond_bthwc, c_btd):
+        dtype = dit_bthwx.dtype
+        coarse_bthwc = dit_bthwx[..., :self.out.out_features].astype(jnp.float32)
+        mod_bt11f = self.head_modulation(jax.nn.silu(c_btd))[:, :, None, None, :]
+        mods = jnp.split(mod_bt11f, 2 * (len(self.head) + 1), axis=-1)
+        h = _frames_apply(self.head_in, jnp.concatenate(
+            [dit_bthwx, feats_bthwf.astype(dtype), cond_bthwc.astype(dtype)], -1))
+        for i, conv in enumerate(self.head):
+            h = self._block(conv, h, mods[2 * i], mods[2 * i + 1])
+        x = _modulate(_layer_norm(h, self.eps), mods[-2], mods[-1])
+        out = coarse_bthwc + _frames_apply(self.out, jax.nn.gelu(
+            x, approximate=self.approximate)).astype(jnp.float32)
+        return out + cond_bthwc.astype(jnp.float32) if self.residual else out
 
 
 class StreamContext(NamedTuple):
@@ -207,6 +291,9 @@ class DiT(nnx.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         patch_in = p * p * (cfg.channels + cfg.cond_channels)
         self.x_embedder = _linear(cfg, patch_in, d, ("patch", "embed"), rngs=rngs)
+        self.pixel = PixelPath(cfg, rngs=rngs) if cfg.pixel_channels else None
+        self.pixel_embedder = (_linear(cfg, p * p * cfg.pixel_channels, d, ("patch", "embed"),
+                                       rngs=rngs, zero=True) if cfg.pixel_channels else None)
         self.t_embedder = TimestepEmbedder(cfg, rngs=rngs)
         self.step_embedder = TimestepEmbedder(cfg, rngs=rngs) if cfg.use_step_size else None
         self.prompt_proj = (_linear(cfg, cfg.prompt_dim, d, ("prompt", "embed"), rngs=rngs)
@@ -244,15 +331,25 @@ class DiT(nnx.Module):
             raise ValueError(f"external vector has {external.shape[-1]} entries, expected "
                              f"model.external_cond_dim={cfg.external_cond_dim}")
 
+    def _patchify(self, x_bthwc):
+        """`[b, t, h, w, c] -> [b, t, n, p * p * c]` in the compute dtype."""
+        b, t, h, w, c = x_bthwc.shape
+        p = self.cfg.patch_size
+        x = x_bthwc.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, (h // p) * (w // p), p * p * c).astype(_dtype(self.cfg.dtype))
+
     def _embed(self, x_bthwc, cond_bthwc):
-        cfg = self.cfg
-        dtype = _dtype(cfg.dtype)
+        """Tokens `[b, t, n, d]` of the frames (and input frames), and the pixel path's stem
+        features `[b, t, h, w, F]` (None when it is off)."""
+        feats_bthwf = None
+        if self.pixel is not None:
+            feats_bthwf = self.pixel.stem_features(cond_bthwc.astype(_dtype(self.cfg.dtype)))
         if cond_bthwc is not None:
             x_bthwc = jnp.concatenate([x_bthwc, cond_bthwc.astype(x_bthwc.dtype)], axis=-1)
-        b, t, h, w, c = x_bthwc.shape
-        p = cfg.patch_size
-        x = x_bthwc.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-        return self.x_embedder(x.reshape(b, t, (h // p) * (w // p), p * p * c).astype(dtype))
+        tokens_btnd = self.x_embedder(self._patchify(x_bthwc))
+        if feats_bthwf is not None:
+            tokens_btnd = tokens_btnd + self.pixel_embedder(self._patchify(feats_bthwf))
+        return tokens_btnd, feats_bthwf
 
     def _condition(self, time_bt, step_size_bt, prompt_bp, external_btx):
         c_btd = self.t_embedder(time_bt)
@@ -268,8 +365,16 @@ class DiT(nnx.Module):
         cfg = self.cfg
         p, (gh, gw) = cfg.patch_size, cfg.grid
         b, t = out_btnf.shape[:2]
-        x = out_btnf.reshape(b, t, gh, gw, p, p, cfg.channels).transpose(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(b, t, gh * p, gw * p, cfg.channels).astype(jnp.float32)
+        c = out_btnf.shape[-1] // (p * p)
+        x = out_btnf.reshape(b, t, gh, gw, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, gh * p, gw * p, c)
+
+    def _output(self, x_btnd, c_btd, feats_bthwf, cond_bthwc):
+        """The prediction `[b, t, h, w, C]` float32 from the last hidden states."""
+        out_bthwf = self._unpatchify(self.final_layer(x_btnd, c_btd))
+        if self.pixel is None:
+            return out_bthwf.astype(jnp.float32)
+        return self.pixel(out_bthwf, feats_bthwf, cond_bthwc, c_btd)
 
     # ------------------------------------------------------------------ blocks
 
@@ -329,10 +434,10 @@ class DiT(nnx.Module):
             k = rope.apply_rope(k, angles_te, interleaved=cfg.rope_interleaved).swapaxes(1, 2)
             return attend(q, k, v.swapaxes(1, 2), band_tt).swapaxes(1, 2)
 
-        x = self._embed(x_bthwc, cond_bthwc)
+        x, feats = self._embed(x_bthwc, cond_bthwc)
         c = self._condition(time_bt, step_size_bt, prompt_bp, external_btx)
         x, _ = self._run_blocks(x, c, temporal_mix, None)
-        return self._unpatchify(self.final_layer(x, c))
+        return self._output(x, c, feats, cond_bthwc)
 
     def stream_pass(self, x_bhwc, time_b, ctx: StreamContext, *, cond_bhwc=None, step_size_b=None,
                     prompt_bp=None, external_bx=None):
@@ -360,11 +465,11 @@ class DiT(nnx.Module):
             v_all = jnp.concatenate([v_cache_bskne.astype(v.dtype), v], axis=1).swapaxes(1, 2)
             return attend(q.swapaxes(1, 2), k_all, v_all, mask_b11qk).swapaxes(1, 2)
 
-        x = self._embed(x_bthwc, cond_bthwc)
+        x, feats = self._embed(x_bthwc, cond_bthwc)
         c = self._condition(time_b[:, None], add_t(step_size_b), prompt_bp, add_t(external_bx))
         x, (k_lbtkne, v_lbtkne) = self._run_blocks(
             x, c, temporal_mix, (ctx.k_lbskne, ctx.v_lbskne))
-        pred_bhwc = self._unpatchify(self.final_layer(x, c))[:, 0]
+        pred_bhwc = self._output(x, c, feats, cond_bthwc)[:, 0]
         return pred_bhwc, k_lbtkne[:, :, 0], v_lbtkne[:, :, 0]
 
 

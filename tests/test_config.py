@@ -113,6 +113,8 @@ def test_divisibility_errors_name_both_values(tiny_cfg, item, values):
     ("diffusion.sample_steps=0", ["diffusion.sample_steps=0", "1..128"]),
     ("diffusion.process=ddim", ["diffusion.process='ddim'", "'rectified_flow'", "'ddpm_v'"]),
     ("codec=jpeg", ["codec='jpeg'", "'pixel'"]),
+    ("model.pixel_residual=true", ["model.pixel_residual=True", "pixel_channels > 0 (got 0)"]),
+    ("model.pixel_channels=-8", ["model.pixel_channels=-8", ">= 0"]),
 ])
 def test_bad_values_are_named(tiny_cfg, item, names):
     with pytest.raises(ConfigError) as err:

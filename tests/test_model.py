@@ -87,6 +87,7 @@ def test_oasis_state_layout_matches_checkpoint_shapes():
     ("model.scan_layers=false", "model.rope_interleaved=false"),
     ("model.cond_channels=0", "model.prompt_dim=0", "model.use_step_size=false",
      "model.external_cond_dim=5", "model.attention_impl=jax_nn"),
+    ("model.pixel_channels=8", "model.pixel_depth=3", "model.pixel_residual=true"),
 ])
 def test_cache_equals_banded_forward(overrides):
     """A clip of 3W+2 frames, each at its own noise level, through the ring-buffer cache one frame

@@ -33,6 +33,7 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("prompt", None),
     ("external", None),
     ("freq", None),
+    ("pixel", None),
 )
 
 
