@@ -10,13 +10,18 @@ usual for model-FLOPs figures. Per frame and per pass, with `N` tokens per frame
 - conditioning vector: noise-level MLP `2 (F D + D D)`, step-size MLP (same), external `2 E D`,
   prompt `2 P D` (once per clip: the prompt is per stream, not per frame);
 - per block, spatial and temporal sub-block each: adaLN `2 D 6D`, qkv `2 N D 3D`, out `2 N D D`,
-  MLP `2 N D M * 2`; attention scores + weighted sum `4 N N D` (spatial) or `4 N K D` (temporal).
+  MLP `2 N D M * 2`; attention scores + weighted sum `4 N N D` (spatial) or `4 N K D` (temporal);
+- the pixel path (`model.pixel_channels = F > 0`, `P = H W` pixels, `L = pixel_depth`), whose
+  convolutions are matmuls too: stem `2 P 9 C_cond F + (L-1) 2 P 9 F F`, its patch embed
+  `2 N p^2 F D`, head `2 P 9 (2F + C_cond + C) F + L 2 P 9 F F + 2 P F C` + modulation
+  `2 D 2F(L+1)`; the final layer then outputs `p^2 (C + F)` per token.
 
 One streaming pass is one frame with `K = window` (the `window - 1` cached frames plus itself).
 A streamed frame costs `steps` denoising passes plus one pass that writes its K/V to the cache;
-that pass's prediction is unused, so it has no final layer, and the prompt projection, the same in
-every pass, is computed once (XLA removes the dead final layer and hoists the projection, so the
-compiled step does exactly this much matmul work).
+that pass's prediction is unused, so it has no final layer (nor pixel head), and the prompt
+projection and the pixel stem with its patch embed, the same in every pass, are computed once (XLA
+removes the dead final layer and hoists the others out of the denoising loop, so the compiled step
+does exactly this much matmul work).
 
 `hlo_matmul_flops` counts the dot and convolution FLOPs of a compiled program's HLO text, running
 each while loop body its known trip count. XLA's own `cost_analysis()` counts a loop body once,
@@ -50,8 +55,18 @@ def dit_flops(cfg: ModelConfig, *, frames: int, keys_per_frame: int) -> dict[str
         "block_linear": 2 * cfg.depth * sub_block_linear * frames,
         "spatial_attention": cfg.depth * 4 * n * n * d * frames,
         "temporal_attention": cfg.depth * 4 * n * keys_per_frame * d * frames,
-        "final_layer": (2 * d * 2 * d + 2 * n * d * p * p * cfg.channels) * frames,
+        "final_layer": (2 * d * 2 * d + 2 * n * d * p * p * (cfg.channels + cfg.pixel_channels))
+        * frames,
     }
+    f, depth = cfg.pixel_channels, cfg.pixel_depth
+    if f:
+        pixels = cfg.frame_height * cfg.frame_width
+        conv3 = lambda c_in, c_out: 2 * pixels * 9 * c_in * c_out  # noqa: E731
+        counts["pixel_stem"] = (conv3(cfg.cond_channels, f) + (depth - 1) * conv3(f, f)) * frames
+        counts["pixel_embed"] = 2 * n * p * p * f * d * frames
+        counts["pixel_head"] = (conv3(2 * f + cfg.cond_channels + cfg.channels, f)
+                                + depth * conv3(f, f) + 2 * pixels * f * cfg.channels
+                                + 2 * d * 2 * f * (depth + 1)) * frames
     counts["total"] = sum(counts.values())
     return counts
 
@@ -64,13 +79,15 @@ def frame_pass_flops(cfg: ModelConfig) -> int:
 def streamed_frame_flops(cfg: Config, steps: int | None = None) -> int:
     """One streamed frame: `steps` denoising passes (default the config's) + one cache-write pass.
 
-    The cache-write pass has no final layer and the prompt projection is counted once (see the
-    module docstring).
+    The cache-write pass has no final layer nor pixel head, and the prompt projection, the pixel
+    stem and its patch embed are counted once (see the module docstring).
     """
     steps = cfg.diffusion.sample_steps if steps is None else steps
     parts = dit_flops(cfg.model, frames=1, keys_per_frame=cfg.model.window)
-    per_pass = parts["total"] - parts["prompt"]
-    return steps * per_pass + (per_pass - parts["final_layer"]) + parts["prompt"]
+    once = parts["prompt"] + parts.get("pixel_stem", 0) + parts.get("pixel_embed", 0)
+    per_pass = parts["total"] - once
+    output = parts["final_layer"] + parts.get("pixel_head", 0)
+    return steps * per_pass + (per_pass - output) + once
 
 
 # ----------------------------------------------------------------------------- compiled HLO

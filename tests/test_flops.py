@@ -41,11 +41,14 @@ def _forward(cfg, frames):
     return forward, (state, spec(1, frames, *m.frame_shape), spec(1, frames), kwargs)
 
 
-@pytest.mark.parametrize("name", ["tiny", "mid", "lsd_base", "oasis_500m"])
-def test_forward_matmul_flops_match_analytic(repo_root, name):
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny", ()), ("mid", ()), ("lsd_base", ()), ("oasis_500m", ()),
+    ("tiny", ("model.pixel_channels=8", "model.pixel_depth=3")),
+])
+def test_forward_matmul_flops_match_analytic(repo_root, name, overrides):
     # Two layers keep the compile short; FLOPs per layer do not depend on depth. A clip of exactly
     # `window` frames makes the masked dense temporal attention compute `window` keys per frame.
-    cfg = load_config(repo_root / "configs" / f"{name}.py", ["model.depth=2"])
+    cfg = load_config(repo_root / "configs" / f"{name}.py", ["model.depth=2", *overrides])
     frames = cfg.model.window
     forward, args = _forward(cfg, frames)
     counted = hlo_matmul_flops(forward.lower(*args).compile().as_text())
@@ -54,10 +57,15 @@ def test_forward_matmul_flops_match_analytic(repo_root, name):
     assert counted.flops == pytest.approx(expected, rel=MATMUL_RTOL)
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_streaming_step_matmul_flops_match_analytic(tiny_cfg, steps):
+@pytest.mark.parametrize("steps,overrides", [
+    (1, ()), (3, ()), (3, ("model.pixel_channels=8", "model.pixel_depth=2")),
+])
+def test_streaming_step_matmul_flops_match_analytic(tiny_cfg, steps, overrides):
+    """Also checks that the compiler computes the pixel stem once per frame (hoisted out of the
+    denoising loop) and drops the cache-write pass's final layer and pixel head."""
     from lsd_jax.streaming import init_stream, make_step
 
+    tiny_cfg = apply_overrides(tiny_cfg, list(overrides))
     graphdef, state = nnx.split(abstract_model(tiny_cfg.model))
     stream = jax.eval_shape(lambda: init_stream(tiny_cfg, 1, 0))
     frame = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
