@@ -63,6 +63,16 @@ def _dit_modules(cfg: ModelConfig) -> Iterator[Module]:
                    "linear", n)
     yield "final_layer.linear", ("final_layer", "linear"), "linear", None
     yield "final_layer.adaLN_modulation.1", ("final_layer", "adaLN_modulation"), "linear", None
+    if cfg.pixel_channels:
+        yield "pixel_embedder.proj", ("pixel_embedder",), f"conv:{cfg.pixel_channels}", None
+        yield "pixel.stem_in", ("pixel", "stem_in"), "kernel2d", None
+        for i in range(cfg.pixel_depth - 1):
+            yield f"pixel.stem.{i}", ("pixel", "stem", i), "kernel2d", None
+        yield "pixel.head_in", ("pixel", "head_in"), "kernel2d", None
+        for i in range(cfg.pixel_depth):
+            yield f"pixel.head.{i}", ("pixel", "head", i), "kernel2d", None
+        yield "pixel.head_modulation", ("pixel", "head_modulation"), "linear", None
+        yield "pixel.out", ("pixel", "out"), "kernel2d", None
 
 
 def _vae_modules(cfg) -> Iterator[Module]:
@@ -110,9 +120,15 @@ def _patch_size(kernel_shape, in_channels: int) -> int:
 
 
 def _to_torch_layout(array: np.ndarray, transform: str, in_channels: int) -> np.ndarray:
+    """Transforms: "linear"; "conv" (a patch embed over `in_channels`, or "conv:I" over `I`);
+    "kernel2d" (an `nnx.Conv` kernel `[kh, kw, I, O]` <-> a Conv2d weight `[O, I, kh, kw]`);
+    "copy"."""
     if transform == "linear":
         return array.T
-    if transform == "conv":
+    if transform == "kernel2d":
+        return array.transpose(3, 2, 0, 1)
+    if transform.startswith("conv"):
+        in_channels = int(transform[5:]) if transform.startswith("conv:") else in_channels
         p = _patch_size(array.shape, in_channels)
         return array.reshape(p, p, in_channels, array.shape[-1]).transpose(3, 2, 0, 1)
     return array
@@ -121,7 +137,9 @@ def _to_torch_layout(array: np.ndarray, transform: str, in_channels: int) -> np.
 def _from_torch_layout(array: np.ndarray, transform: str) -> np.ndarray:
     if transform == "linear":
         return array.T
-    if transform == "conv":
+    if transform == "kernel2d":
+        return array.transpose(2, 3, 1, 0)
+    if transform.startswith("conv"):
         o, i, kh, kw = array.shape
         return array.transpose(2, 3, 1, 0).reshape(kh * kw * i, o)
     return array

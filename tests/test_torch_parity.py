@@ -29,6 +29,7 @@ ALL_OPTIONS = ["model.frame_height=16", "model.frame_width=16", "model.patch_siz
                "model.hidden_size=64", "model.num_heads=4", "model.depth=2", "model.window=3",
                "model.prompt_dim=8", "model.external_cond_dim=5", "model.qkv_bias=true",
                "model.rope_interleaved=false", "model.gelu_approximate=false",
+               "model.pixel_channels=8", "model.pixel_depth=2", "model.pixel_residual=true",
                "diffusion.context_noise=noised", "diffusion.ctx_level=0.1"]
 
 

@@ -147,7 +147,7 @@ class FinalLayer(nn.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         self.eps = cfg.norm_eps
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.linear = nn.Linear(d, p * p * cfg.channels)
+        self.linear = nn.Linear(d, p * p * (cfg.channels + cfg.pixel_channels))
 
     def forward(self, x_btnd, c_btd):
         shift, scale = self.adaLN_modulation(c_btd)[:, :, None, :].chunk(2, dim=-1)
@@ -155,11 +155,64 @@ class FinalLayer(nn.Module):
         return self.linear(x * (1 + scale) + shift)
 
 
-class PatchEmbed(nn.Module):
+def _frames(conv: nn.Module, x_bthwc: torch.Tensor) -> torch.Tensor:
+    """A Conv2d over NCHW applied to NHWC frames `[b, t, h, w, c]`."""
+    b, t = x_bthwc.shape[:2]
+    y = conv(x_bthwc.flatten(0, 1).permute(0, 3, 1, 2))
+    return y.permute(0, 2, 3, 1).unflatten(0, (b, t))
+
+
+class PixelPath(nn.Module):
+    """The full-resolution convolutional path (`model.pixel_channels > 0`), as
+    `lsd_jax.model.PixelPath`: stem on the input frame, modulated head adding a pixel-resolution
+    correction to the DiT's coarse prediction."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        f, depth = cfg.pixel_channels, cfg.pixel_depth
+        self.eps, self.residual = cfg.norm_eps, cfg.pixel_residual
+        self.approximate = "tanh" if cfg.gelu_approximate else "none"
+        self.channels = cfg.channels
+        self.stem_in = nn.Conv2d(cfg.cond_channels, f, 3, padding=1)
+        self.stem = nn.ModuleList([nn.Conv2d(f, f, 3, padding=1) for _ in range(depth - 1)])
+        self.head_in = nn.Conv2d(2 * f + cfg.cond_channels + cfg.channels, f, 3, padding=1)
+        self.head = nn.ModuleList([nn.Conv2d(f, f, 3, padding=1) for _ in range(depth)])
+        self.head_modulation = nn.Linear(cfg.hidden_size, 2 * f * (depth + 1))
+        self.out = nn.Conv2d(f, cfg.channels, 1)
+
+    def _norm(self, h):
+        return F.layer_norm(h, h.shape[-1:], eps=self.eps)
+
+    def _block(self, conv, h, shift=None, scale=None):
+        x = self._norm(h)
+        if shift is not None:
+            x = x * (1 + scale) + shift
+        return h + _frames(conv, F.gelu(x, approximate=self.approximate))
+
+    def stem_features(self, cond_bthwc):
+        h = _frames(self.stem_in, cond_bthwc)
+        for conv in self.stem:
+            h = self._block(conv, h)
+        return h
+
+    def forward(self, dit_bthwx, feats_bthwf, cond_bthwc, c_btd):
+        coarse = dit_bthwx[..., :self.channels].float()
+        mods = self.head_modulation(F.silu(c_btd))[:, :, None, None, :].chunk(
+            2 * (len(self.head) + 1), dim=-1)
+        h = _frames(self.head_in, torch.cat([dit_bthwx, feats_bthwf, cond_bthwc], -1))
+        for i, conv in enumerate(self.head):
+            h = self._block(conv, h, mods[2 * i], mods[2 * i + 1])
+        x = self._norm(h) * (1 + mods[-1]) + mods[-2]
+        out = coarse + _frames(self.out, F.gelu(x, approximate=self.approximate)).float()
+        return out + cond_bthwc.float() if self.residual else out
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_channels: int | None = None):
+        super().__init__()
         p = cfg.patch_size
-        self.proj = nn.Conv2d(cfg.channels + cfg.cond_channels, cfg.hidden_size, p, stride=p)
+        in_channels = cfg.channels + cfg.cond_channels if in_channels is None else in_channels
+        self.proj = nn.Conv2d(in_channels, cfg.hidden_size, p, stride=p)
 
     def forward(self, x_bthwc):
         """`[b, t, h, w, c]` -> tokens `[b, t, n, d]`, row-major over the patch grid."""
@@ -183,6 +236,8 @@ class TorchDiT(nn.Module):
                               else None)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
+        self.pixel = PixelPath(cfg) if cfg.pixel_channels else None
+        self.pixel_embedder = PatchEmbed(cfg, cfg.pixel_channels) if cfg.pixel_channels else None
         spatial_f = torch.from_numpy(rope.spatial_frequencies(cfg.head_dim))
         self.register_buffer("spatial_angles_ne", axial_angles(spatial_f, *cfg.grid)[:, None, :],
                              persistent=False)
@@ -203,9 +258,14 @@ class TorchDiT(nn.Module):
         return c_btd
 
     def _embed(self, x_bthwc, cond_bthwc):
+        """Tokens, and the pixel stem's features (None when the pixel path is off)."""
+        feats = None if self.pixel is None else self.pixel.stem_features(cond_bthwc)
         if cond_bthwc is not None:
             x_bthwc = torch.cat([x_bthwc, cond_bthwc.to(x_bthwc.dtype)], dim=-1)
-        return self.x_embedder(x_bthwc)
+        tokens = self.x_embedder(x_bthwc)
+        if feats is not None:
+            tokens = tokens + self.pixel_embedder(feats)
+        return tokens, feats
 
     def _spatial_mix(self, q, k, v):
         il = self.cfg.rope_interleaved
@@ -213,13 +273,15 @@ class TorchDiT(nn.Module):
         k = rotate(k, self.spatial_angles_ne, il).transpose(-3, -2)
         return _attend(q, k, v.transpose(-3, -2), None).transpose(-3, -2)
 
-    def _output(self, x_btnd, c_btd):
+    def _output(self, x_btnd, c_btd, feats, cond_bthwc):
         cfg = self.cfg
         p, (gh, gw) = cfg.patch_size, cfg.grid
         out = self.final_layer(x_btnd, c_btd)
         b, t = out.shape[:2]
-        x = out.reshape(b, t, gh, gw, p, p, cfg.channels).permute(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(b, t, gh * p, gw * p, cfg.channels).float()
+        c = cfg.channels + cfg.pixel_channels
+        x = out.reshape(b, t, gh, gw, p, p, c).permute(0, 1, 2, 4, 3, 5, 6)
+        x = x.reshape(b, t, gh * p, gw * p, c)
+        return x.float() if self.pixel is None else self.pixel(x, feats, cond_bthwc, c_btd)
 
     # ------------------------------------------------------------------ entry points
 
@@ -240,12 +302,12 @@ class TorchDiT(nn.Module):
             k = to_t(rotate(k, angles_te, cfg.rope_interleaved))
             return _attend(q, k, to_t(v), band_tt).permute(0, 3, 1, 2, 4)
 
-        x = self._embed(x_bthwc, cond_bthwc)
+        x, feats = self._embed(x_bthwc, cond_bthwc)
         c = self._condition(time_bt, step_size_bt, prompt_bp, external_btx)
         for block in self.blocks:
             x, _, _ = block.sub_block("s", x, c, self._spatial_mix)
             x, _, _ = block.sub_block("t", x, c, temporal_mix)
-        return self._output(x, c)
+        return self._output(x, c, feats, cond_bthwc)
 
     def stream_pass(self, x_bhwc, time_b, k_lbskne, v_lbskne, valid_bs, *, cond_bhwc=None,
                     step_size_b=None, prompt_bp=None, external_bx=None):
@@ -260,7 +322,7 @@ class TorchDiT(nn.Module):
         # [b, 1 token, 1 head, 1 query, s + 1 keys]
         mask = torch.cat([valid_bs, torch.ones_like(valid_bs[:, :1])], 1)[:, None, None, None, :]
         new_k, new_v = [], []
-        x = self._embed(add_t(x_bhwc), add_t(cond_bhwc))
+        x, feats = self._embed(add_t(x_bhwc), add_t(cond_bhwc))
         c = self._condition(time_b[:, None], add_t(step_size_b), prompt_bp, add_t(external_bx))
         for layer, block in enumerate(self.blocks):
 
@@ -277,4 +339,5 @@ class TorchDiT(nn.Module):
 
             x, _, _ = block.sub_block("s", x, c, self._spatial_mix)
             x, _, _ = block.sub_block("t", x, c, temporal_mix)
-        return self._output(x, c)[:, 0], torch.stack(new_k), torch.stack(new_v)
+        return (self._output(x, c, feats, add_t(cond_bhwc))[:, 0], torch.stack(new_k),
+                torch.stack(new_v))
