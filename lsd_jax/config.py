@@ -189,6 +189,8 @@ class DiffusionConfig:
     context_noise: str = "label"  # "label": clean frame labelled t_ctx; "noised": really noised.
     # Training objective.
     noise_sampler: str = "independent"
+    # Rectified flow: training levels u ~ U[0, 1] shifted to s u / (1 + (s - 1) u) (1: uniform).
+    level_shift: float = 1.0
     history_low_max: float = 0.1
     shortcut: bool = True
     shortcut_fraction: float = 0.25
@@ -215,6 +217,7 @@ class DiffusionConfig:
                               "0 <= fraction < 1")
         if self.ctx_level < 0:
             raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected >= 0")
+        _check_positive("diffusion.level_shift", self.level_shift)
         if self.process == "ddpm_v" and self.ctx_level >= self.num_timesteps:
             raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected < "
                               f"diffusion.num_timesteps={self.num_timesteps}")
@@ -231,7 +234,10 @@ class DataConfig:
     nothing to download) or "video_folder" (every video file under `video_dir`, decoded with
     OpenCV). Clips are `clip_frames` frames at the model's frame size, sampled at `fps` (video
     files only). `tasks` are the paired tasks drawn uniformly per clip ("all": every task in
-    `train/tasks.py`).
+    `train/tasks.py`). `photographs`: the procedural training photographs, "classic" (five colour
+    photographs) or "extended" (seven more scenes and textures); the held-out photographs are the
+    same for both, and the validation split of `lsd eval` always uses the classic five, so recipes
+    on either are compared on the same clips.
     """
 
     source: str = "procedural"
@@ -242,6 +248,7 @@ class DataConfig:
     shuffle_seed: int = 0
     read_threads: int = 2
     heldout_images: int = 2
+    photographs: str = "classic"
 
     def __post_init__(self):
         _check_choice("data.source", self.source, ("procedural", "video_folder"))
@@ -250,6 +257,7 @@ class DataConfig:
             raise ConfigError(f"data.clip_frames={self.clip_frames}, expected >= 2 frames")
         _check_positive("data.read_threads", self.read_threads)
         _check_positive("data.heldout_images", self.heldout_images)
+        _check_choice("data.photographs", self.photographs, ("classic", "extended"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,6 +87,7 @@ class RectifiedFlow(Process):
         self.ctx_level = float(cfg.ctx_level)
         self.min_step_size = 1.0 / cfg.shortcut_max_steps
         self.prediction = cfg.prediction
+        self.level_shift = float(cfg.level_shift)
 
     def add_noise(self, x0, eps, level):
         t = _expand(level, x0)
@@ -136,8 +137,15 @@ class RectifiedFlow(Process):
         return levels.astype(np.float32), step_sizes.astype(np.float32)
 
     def sample_levels(self, rng, shape, high=None):
+        """Uniform `u` in `[0, high]`, time-shifted by `s = diffusion.level_shift` to
+        `s u / (1 + (s - 1) u)` (s > 1 trains more at high noise, where the first of a few
+        sampling steps starts; `s = 1` is uniform; 0 and 1 stay fixed)."""
         high = self.max_level if high is None else high
-        return jax.random.uniform(rng, shape, jnp.float32, 0.0, high)
+        u = jax.random.uniform(rng, shape, jnp.float32, 0.0, high)
+        if self.level_shift == 1.0:
+            return u
+        s = self.level_shift
+        return s * u / (1.0 + (s - 1.0) * u)
 
 
 def sigmoid_alphas_cumprod(num_timesteps: int, start: float, end: float, tau: float) -> np.ndarray:

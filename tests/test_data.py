@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lsd_jax.codec import resize_and_crop
-from lsd_jax.config import load_config
+from lsd_jax.config import ConfigError, load_config
 from train import data, tasks
 
 SMALL = ["model.frame_height=32", "model.frame_width=32", "data.clip_frames=4",
@@ -48,6 +48,15 @@ def test_heldout_split_is_disjoint():
     train_clip = data.ProceduralClips(4, 32, 32, split="train")[5]
     heldout_clip = data.ProceduralClips(4, 32, 32, split="heldout")[5]
     assert not np.array_equal(train_clip, heldout_clip)
+    extended = data.split_photographs("train", 2, "extended")
+    assert extended[:len(train_names)] == train_names and len(extended) == len(train_names) + 7
+    assert set(extended).isdisjoint(heldout_names)
+    assert data.split_photographs("heldout", 2, "extended") == heldout_names
+    source = data.ProceduralClips(4, 32, 32, split="train", photographs="extended")
+    clips = [source[i] for i in range(12)]
+    assert all(c.shape == (4, 32, 32, 3) and c.std() > 5 for c in clips)
+    with pytest.raises(ConfigError, match="'all'"):
+        data.split_photographs("train", 2, "all")
 
 
 @pytest.mark.parametrize("task", [t for t in tasks.TASKS if t.name != "motion_trails"],

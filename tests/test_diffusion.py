@@ -106,6 +106,18 @@ def test_rf_sample_levels_range():
     assert 0 <= low.min() and low.max() <= 0.1
 
 
+def test_rf_level_shift_moves_training_levels_to_high_noise():
+    """Shift s maps u to s u / (1 + (s - 1) u): the median 0.5 goes to s / (s + 1), the same
+    uniform draws are transformed (so 0 and 1 stay put), and s = 1 is the plain uniform."""
+    shifted = make_process(DiffusionConfig(level_shift=3.0))
+    u = np.asarray(RF.sample_levels(jax.random.key(5), (8192,)))
+    t = np.asarray(shifted.sample_levels(jax.random.key(5), (8192,)))
+    np.testing.assert_allclose(t, 3 * u / (1 + 2 * u), rtol=1e-6)
+    assert abs(np.median(t) - 0.75) < 0.02 and 0 <= t.min() and t.max() <= 1
+    with pytest.raises(ValueError, match="diffusion.level_shift=0"):
+        DiffusionConfig(level_shift=0.0)
+
+
 # ----------------------------------------------------------------------------- DDPM v / DDIM
 
 

@@ -39,6 +39,10 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".gif", ".m4v", ".m
 # ("cat" is left out: it is "chelsea" mirrored, and would leak across the split.)
 PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
                "colorwheel", "rocket")
+# `data.photographs="extended"` adds these to the training split (never to the held-out one): more
+# scenes and textures, colour and greyscale, all shipped inside scikit-image.
+EXTRA_PHOTOGRAPHS = ("retina", "motorcycle", "camera", "coins", "brick", "gravel", "page")
+PHOTOGRAPH_SETS = ("classic", "extended")
 SPLITS = ("train", "heldout")
 ENDLESS = 2**62
 
@@ -59,7 +63,8 @@ def _photograph(name: str, min_side: int) -> np.ndarray:
     """A scikit-image photograph, RGB uint8, resized (area) so its short side is `min_side`."""
     import skimage.data
 
-    image = getattr(skimage.data, name)()
+    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(
+        skimage.data, name)()
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     image = np.ascontiguousarray(image[..., :3])
@@ -69,13 +74,19 @@ def _photograph(name: str, min_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def split_photographs(split: str, heldout: int) -> tuple[str, ...]:
-    """The photograph names of `split`: the last `heldout` for "heldout", the others for "train"."""
+def split_photographs(split: str, heldout: int, photographs: str = "classic") -> tuple[str, ...]:
+    """The photograph names of `split`: the last `heldout` of `PHOTOGRAPHS` for "heldout", the
+    others for "train" (with `EXTRA_PHOTOGRAPHS` when `photographs` is "extended")."""
     if split not in SPLITS:
         raise ConfigError(f"data split {split!r}, expected one of {SPLITS}")
     if not 0 < heldout < len(PHOTOGRAPHS):
         raise ConfigError(f"data.heldout_images={heldout}, expected 1..{len(PHOTOGRAPHS) - 1}")
-    return PHOTOGRAPHS[-heldout:] if split == "heldout" else PHOTOGRAPHS[:-heldout]
+    if photographs not in PHOTOGRAPH_SETS:
+        raise ConfigError(f"data.photographs={photographs!r}, expected one of {PHOTOGRAPH_SETS}")
+    if split == "heldout":
+        return PHOTOGRAPHS[-heldout:]
+    extra = EXTRA_PHOTOGRAPHS if photographs == "extended" else ()
+    return PHOTOGRAPHS[:-heldout] + extra
 
 
 class ProceduralClips:
@@ -88,9 +99,9 @@ class ProceduralClips:
     """
 
     def __init__(self, clip_frames: int, height: int, width: int, *, seed: int = 0,
-                 split: str = "train", heldout_images: int = 2):
+                 split: str = "train", heldout_images: int = 2, photographs: str = "classic"):
         self.clip_frames, self.height, self.width = clip_frames, height, width
-        self.names = split_photographs(split, heldout_images)
+        self.names = split_photographs(split, heldout_images, photographs)
         self.seed, self.split_id = seed, SPLITS.index(split)
 
     def __len__(self) -> int:
@@ -265,7 +276,8 @@ def make_source(cfg: Config, split: str = "train"):
                           "pipeline needs codec='pixel'")
     if d.source == "procedural":
         return ProceduralClips(d.clip_frames, m.frame_height, m.frame_width, seed=d.shuffle_seed,
-                               split=split, heldout_images=d.heldout_images)
+                               split=split, heldout_images=d.heldout_images,
+                               photographs=d.photographs)
     if not d.video_dir:
         raise ConfigError("data.source='video_folder' needs data.video_dir=DIR")
     return VideoFolderClips(d.video_dir, d.clip_frames, m.frame_height, m.frame_width, d.fps)
