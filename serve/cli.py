@@ -32,6 +32,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}, expected a number of seconds >= 0")
+    return value
+
+
 def _add_model_source(parser: argparse.ArgumentParser, *, artifact: bool = True) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="DIR", help="model checkpoint directory")
@@ -170,7 +181,8 @@ def _run_serve(args) -> int:
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allow_origin),
         max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
         deadline_ms=args.deadline_ms, default_prompt=args.prompt, seed=args.seed,
-        precompile=args.precompile, gather_ms=args.gather_ms)
+        precompile=args.precompile, gather_ms=args.gather_ms,
+        idle_timeout_s=args.idle_timeout or None)
     _say(f"lsd serve: {engine.describe}")
     serve_forever(engine, options)
     return 0
@@ -280,6 +292,9 @@ def register(commands, add_command, bench) -> None:
     serve.add_argument("--gather-ms", type=float, default=0.0,
                        help="wait this long after a frame for other sessions' frames, to step "
                             "them together (default 0: step at once)")
+    serve.add_argument("--idle-timeout", type=_non_negative_float, default=60.0, metavar="S",
+                       help="close a session that sent no frame for S seconds, freeing its slot "
+                            "(default 60; 0: never)")
     serve.set_defaults(run=_run_serve)
 
     bench_serve = bench.add_parser("serve", help="end-to-end latency and FPS through lsd serve",

@@ -20,6 +20,7 @@ measured step time fits what is left of the oldest frame's deadline, else the fe
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
 import logging
@@ -61,7 +62,9 @@ class ServerOptions:
     `precompile` compiles every (batch, steps, sessions) variant before accepting clients, so no
     client waits for a compile when another joins; `gather_ms` > 0 makes the loop, woken by one
     session's frame, wait that long for the other sessions' frames so they share the step (more
-    frames per step where a batch costs little more than one stream, at that much latency)."""
+    frames per step where a batch costs little more than one stream, at that much latency);
+    a session that sends no frame for `idle_timeout_s` seconds is closed, freeing its slot (None:
+    never)."""
 
     host: str = "127.0.0.1"
     port: int = 8765
@@ -74,6 +77,7 @@ class ServerOptions:
     seed: int = 0
     precompile: bool = False
     gather_ms: float = 0.0
+    idle_timeout_s: float | None = 60.0
 
 
 class Metrics:
@@ -140,6 +144,43 @@ class Session:
                         await self.ws.send_str(json.dumps(message))
                 except ConnectionError:
                     return
+
+
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """`(width, height)` from a JPEG's start-of-frame header, without decoding it; None when no
+    start-of-frame segment comes before the image data (not a readable JPEG)."""
+    i = 2  # after FF D8
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before them
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(data):
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return width, height
+        i += 2 + length
+    return None
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray | None:
+    """RGB uint8 frame of a JPEG, or None when OpenCV cannot decode it."""
+    frame_bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if frame_bgr is None else cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
 
 
 def _jpeg(frame_hwc: np.ndarray) -> bytes:
@@ -347,13 +388,34 @@ def _error(code: str, message: str, **extra) -> dict:
     return {"type": "error", "code": code, "message": message, **extra}
 
 
-def _origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
-    """No Origin (a non-browser client) or the page's own origin or one given by --allow-origin."""
+def own_origins(request: web.Request, bound_host: str) -> set[str]:
+    """The origins of the page as this server serves it: the address it was bound to (`--host`)
+    and the local address the connection arrived at, with the port it is listening on; for a
+    loopback address also localhost, 127.0.0.1 and [::1]. Never the request's Host header, which
+    the client chooses (a DNS-rebinding page sends its own name there)."""
+    local_ip, port = request.transport.get_extra_info("sockname")[:2]
+    hosts = {local_ip}
+    if bound_host not in ("", "0.0.0.0", "::"):
+        hosts.add(bound_host)
+    loopback = bound_host == "localhost"
+    for host in list(hosts):
+        try:
+            loopback = loopback or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            pass
+    if loopback:
+        hosts |= {"localhost", "127.0.0.1", "::1"}
+    bracket = lambda h: f"[{h}]" if ":" in h else h  # noqa: E731
+    return {f"{request.scheme}://{bracket(h)}:{port}" for h in hosts}
+
+
+def _origin_allowed(request: web.Request, options: ServerOptions) -> bool:
+    """No Origin (a non-browser client), the page's own origin (`own_origins`) or one given by
+    --allow-origin."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    own = f"{request.scheme}://{request.host}"
-    return origin == own or origin in allowed
+    return origin in options.allowed_origins or origin in own_origins(request, options.host)
 
 
 def make_app(engine: Engine, options: ServerOptions) -> web.Application:
@@ -398,7 +460,7 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
     async def websocket(request):
         if not authorised(request):
             return web.Response(status=401, text="missing or wrong access token (?token=...)\n")
-        if not _origin_allowed(request, options.allowed_origins):
+        if not _origin_allowed(request, options):
             return web.Response(status=403, text=f"Origin {request.headers['Origin']!r} is not "
                                                  "allowed (same origin or --allow-origin)\n")
         loop: FrameLoop = state["loop"]
@@ -420,13 +482,24 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
             "step_choices": list(engine.steps), "prompt": session.prompt,
             "max_message_bytes": options.max_message_bytes, "deadline_ms": options.deadline_ms,
             "engine": engine.describe, "untrained": engine.untrained})
+        idle_s = options.idle_timeout_s
+        last_frame = time.monotonic()
         try:
-            async for msg in ws:
+            while True:
+                wait_s = None if idle_s is None else idle_s - (time.monotonic() - last_frame)
+                try:
+                    msg = await ws.receive(timeout=None if wait_s is None else max(wait_s, 1e-3))
+                except TimeoutError:
+                    await reply_error(session, "idle", f"no frame for {idle_s:g} s (the "
+                                      "server's --idle-timeout): closing this session")
+                    await ws.close(code=1000, message=b"idle timeout")
+                    break
                 if msg.type == WSMsgType.BINARY:
+                    last_frame = time.monotonic()
                     await _on_frame(loop, session, msg.data)
                 elif msg.type == WSMsgType.TEXT:
                     await _on_control(loop, session, msg.data)
-                elif msg.type == WSMsgType.ERROR:
+                else:  # closing, closed or a transport error
                     break
         finally:
             loop.drop_session(session)
@@ -443,14 +516,20 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
         if data[:2] != b"\xff\xd8":
             return await reply_error(session, "bad_jpeg", "binary message is not a JPEG "
                                      "(expected bytes starting FF D8)")
-        frame_bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if frame_bgr is None:
+        size = jpeg_size(data)
+        if size is None:
+            return await reply_error(session, "bad_jpeg", f"JPEG of {len(data)} bytes has no "
+                                     "readable frame header (SOF) before its image data")
+        # The size is checked on the header: a small file can declare a huge image, whose
+        # decoding would take seconds; decoding runs off the event loop, which serves everyone.
+        if size != (width, height):
+            return await reply_error(session, "bad_size", f"frame is {size[0]}x{size[1]} (WxH), "
+                                     f"expected {width}x{height}")
+        frame_hwc = await asyncio.to_thread(_decode_jpeg, data)
+        if frame_hwc is None or frame_hwc.shape[:2] != (height, width):
             return await reply_error(session, "bad_jpeg", f"JPEG of {len(data)} bytes cannot be "
                                      "decoded")
-        if frame_bgr.shape[:2] != (height, width):
-            return await reply_error(session, "bad_size", f"frame is {frame_bgr.shape[1]}x"
-                                     f"{frame_bgr.shape[0]} (WxH), expected {width}x{height}")
-        loop.put_frame(session, cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB))
+        loop.put_frame(session, frame_hwc)
 
     async def _on_control(loop: FrameLoop, session: Session, text: str) -> None:
         if len(text.encode()) > options.max_message_bytes:
@@ -460,6 +539,9 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
             message = json.loads(text)
         except json.JSONDecodeError as err:
             return await reply_error(session, "bad_json", f"text message is not JSON: {err}")
+        except RecursionError:
+            return await reply_error(session, "bad_json", "text message nests arrays or objects "
+                                     "too deeply to parse, expected a flat {\"type\": ...} object")
         if not isinstance(message, dict):
             return await reply_error(session, "bad_json", "text message is JSON but not an "
                                      "object, expected {\"type\": ...}")

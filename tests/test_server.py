@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -288,3 +289,99 @@ def test_deadline_makes_frames_with_fewer_steps(engine):
     reduced = sum(m["steps"] < 2 for m in metas)
     assert f"lsd_frames_steps_reduced_total {reduced:.1f}" in metrics
     assert f'lsd_frames_by_steps_total{{steps="1"}} {reduced:.1f}' in metrics
+
+
+def test_huge_jpeg_refused_on_its_header_and_frames_decoded_off_the_loop(engine, monkeypatch):
+    """An 8000x8000 JPEG of 0.75 MB (under the message limit) is refused as `bad_size` from its
+    header, never decoded; a frame of the right size is decoded in a worker thread, not on the
+    event loop every session shares. Deeply nested JSON is `bad_json`, and the session goes on."""
+    ok, huge = cv2.imencode(".jpg", np.full((8000, 8000), 128, np.uint8),
+                            [cv2.IMWRITE_JPEG_QUALITY, 5])
+    assert ok and len(huge) < 1 << 20
+    decoded = []  # (thread name, decoded shape) of every decode in this process
+    imdecode = cv2.imdecode
+
+    def recording_imdecode(buf, flags):
+        image = imdecode(buf, flags)
+        decoded.append((threading.current_thread().name,
+                        None if image is None else image.shape[:2]))
+        return image
+
+    monkeypatch.setattr(cv2, "imdecode", recording_imdecode)
+    frame = random_frames(1, seed=11)[0]
+
+    async def scenario(url):
+        async with aiohttp.ClientSession() as http:
+            c, _ = await Client.connect(http, url)
+            await c.ws.send_bytes(huge.tobytes())
+            reply = await c.json()
+            await c.ws.send_str("[" * 200_000)
+            nested = await c.json()
+            meta, out = await c.frame(frame)
+            return reply, nested, meta, out
+
+    with BackgroundServer(engine) as server:
+        reply, nested, meta, out = run(scenario(server.url))
+    assert (reply["code"], reply["message"]) == ("bad_size",
+                                                 "frame is 8000x8000 (WxH), expected 64x64")
+    assert nested["code"] == "bad_json" and "deeply" in nested["message"]
+    assert meta["seq"] == 1 and out.shape == (64, 64, 3)
+    assert (8000, 8000) not in [shape for _, shape in decoded]
+    server_decodes = [name for name, shape in decoded if name != "MainThread"]
+    assert server_decodes and "lsd-serve" not in server_decodes, decoded
+
+
+def test_idle_session_is_closed_and_frees_its_slot(engine):
+    """With `idle_timeout_s=1`, a session that sends no frame (control messages do not count) gets
+    an `idle` error and is closed about a second after connecting; its slot is free again."""
+
+    async def scenario(url):
+        async with aiohttp.ClientSession() as http:
+            t0 = asyncio.get_running_loop().time()
+            a, _ = await Client.connect(http, url)
+            await asyncio.sleep(0.3)
+            stats = await a.control({"type": "stats"})
+            error = await asyncio.wait_for(a.json(), 10)
+            closed = await asyncio.wait_for(a.ws.receive(), 10)
+            elapsed = asyncio.get_running_loop().time() - t0
+            b, ready = await Client.connect(http, url)
+            async with http.get(url + "/healthz") as response:
+                health = await response.json()
+            await b.ws.close()
+            return stats, error, closed, elapsed, ready, health
+
+    options = ServerOptions(idle_timeout_s=1.0, max_sessions=1)
+    with BackgroundServer(engine, options) as server:
+        stats, error, closed, elapsed, ready, health = run(scenario(server.url))
+    assert stats["type"] == "stats" and stats["sessions"] == 1
+    assert error["code"] == "idle" and "no frame for 1 s" in error["message"]
+    assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert 1.0 <= elapsed < 10
+    assert ready["type"] == "ready" and health["sessions"] == 1
+
+
+def test_origin_checked_against_the_bound_address_not_the_host_header(engine):
+    """A DNS-rebinding page (its own name in both Host and Origin) is refused; the loopback names
+    of the bound port and an --allow-origin are accepted; another port is refused."""
+
+    async def scenario(url, port):
+        async with aiohttp.ClientSession() as http:
+            statuses = {}
+            for origin, host in [(f"http://evil.example:{port}", f"evil.example:{port}"),
+                                 (f"http://127.0.0.1:{port + 1}", f"127.0.0.1:{port + 1}")]:
+                async with http.get(url + "/ws", headers={"Origin": origin,
+                                                          "Host": host}) as response:
+                    statuses[origin] = response.status
+            accepted = []
+            for origin in (f"http://localhost:{port}", f"http://[::1]:{port}",
+                           f"http://127.0.0.1:{port}", "http://app.example"):
+                c, ready = await Client.connect(http, url, origin=origin)
+                accepted.append(ready["type"])
+                await c.ws.close()
+            return statuses, accepted
+
+    options = ServerOptions(allowed_origins=("http://app.example",))
+    with BackgroundServer(engine, options) as server:
+        statuses, accepted = run(scenario(server.url, server.port))
+    assert list(statuses.values()) == [403, 403], statuses
+    assert accepted == ["ready"] * 4
