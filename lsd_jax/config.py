@@ -237,7 +237,9 @@ class DataConfig:
     `train/tasks.py`). `photographs`: the procedural training photographs, "classic" (five colour
     photographs) or "extended" (seven more scenes and textures); the held-out photographs are the
     same for both, and the validation split of `lsd eval` always uses the classic five, so recipes
-    on either are compared on the same clips.
+    on either are compared on the same clips. `prompt_phrasings`: a clip's prompt is drawn among
+    its task's prompt and the task's other phrasings (`train/tasks.py`), so a model with a language
+    encoder learns the task, not one sentence.
     """
 
     source: str = "procedural"
@@ -249,6 +251,7 @@ class DataConfig:
     read_threads: int = 2
     heldout_images: int = 2
     photographs: str = "classic"
+    prompt_phrasings: bool = False
 
     def __post_init__(self):
         _check_choice("data.source", self.source, ("procedural", "video_folder"))

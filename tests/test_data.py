@@ -168,3 +168,29 @@ def test_truncated_video_clips_are_dropped_with_a_warning(tmp_path, np_rng, smal
     for batch in batches:
         for clip in batch["cond"]:
             assert any(np.array_equal(clip, g) for g in good)
+
+
+def test_prompt_phrasings_vary_the_prompt_not_the_task():
+    """With `data.prompt_phrasings` every item keeps its task (the same draw as without) and its
+    prompt is one of the task's phrasings; the held-out paraphrases are never among them."""
+    from lsd_jax.prompt import make_prompt_encoder
+
+    plain = load_config("configs/tiny.py", ["data.tasks=all"])
+    varied = load_config("configs/tiny.py", ["data.prompt_phrasings=true"])
+    source = data.ProceduralClips(2, 16, 16, seed=0)
+    a, b = data.PairedClips(source, plain, seed=5), data.PairedClips(source, varied, seed=5)
+    encoder = make_prompt_encoder(varied)
+    seen = set()
+    for i in range(60):
+        item_a, item_b = a[i], b[i]
+        assert item_a["task"] == item_b["task"]
+        task = tasks.TASKS[int(item_b["task"])]
+        options = {p: encoder.encode(p) for p in (task.prompt, *task.phrasings)}
+        match = [p for p, v in options.items() if np.array_equal(v, item_b["prompt"])]
+        assert len(match) == 1
+        seen.add(match[0])
+        np.testing.assert_array_equal(item_a["prompt"], encoder.encode(task.prompt))
+    assert len(seen) > 12
+    trained = {p for t in tasks.TASKS for p in (t.prompt, *t.phrasings)}
+    assert trained.isdisjoint(p for ps in tasks.PARAPHRASES.values() for p in ps)
+    assert set(tasks.PARAPHRASES) == set(tasks.TASK_NAMES)

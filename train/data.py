@@ -246,10 +246,12 @@ class VideoFolderClips:
 class PairedClips:
     """`source[i]` -> `{"cond": input clip, "target": restyled clip (uint8 [T, H, W, 3]),
     "prompt": float32 [prompt_dim] (absent when the model takes none), "task": int32}`; the task
-    is drawn from `rng((seed, i))`, so an item is a pure function of its index. None stays None."""
+    (and, with `data.prompt_phrasings`, which of its phrasings is the prompt) is drawn from
+    `rng((seed, i))`, so an item is a pure function of its index. None stays None."""
 
     def __init__(self, source, cfg: Config, seed: int):
         self.source, self.seed = source, seed
+        self.phrasings = cfg.data.prompt_phrasings
         self.tasks = select_tasks(cfg.data.tasks)
         self.encoder = make_prompt_encoder(cfg)
 
@@ -260,11 +262,16 @@ class PairedClips:
         clip_thwc = self.source[index]
         if clip_thwc is None:
             return None
-        task_id = int(np.random.default_rng((self.seed, int(index))).integers(len(self.tasks)))
+        rng = np.random.default_rng((self.seed, int(index)))
+        task_id = int(rng.integers(len(self.tasks)))
         task = self.tasks[task_id]
         item = {"cond": clip_thwc, "target": task.fn(clip_thwc), "task": np.int32(task_id)}
         if self.encoder is not None:
-            item["prompt"] = self.encoder.encode(task.prompt)
+            prompt = task.prompt
+            if self.phrasings:
+                choices = (task.prompt, *task.phrasings)
+                prompt = choices[int(rng.integers(len(choices)))]
+            item["prompt"] = self.encoder.encode(prompt)
         return item
 
 

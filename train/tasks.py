@@ -22,11 +22,13 @@ from lsd_jax.config import ConfigError
 
 
 class Task(NamedTuple):
-    """A restyle: `fn(clip_thwc uint8) -> clip_thwc uint8` and the prompt that names it."""
+    """A restyle: `fn(clip_thwc uint8) -> clip_thwc uint8`, the prompt that names it, and other
+    phrasings of that prompt a model may be trained on (`data.prompt_phrasings`)."""
 
     name: str
     prompt: str
     fn: Callable[[np.ndarray], np.ndarray]
+    phrasings: tuple[str, ...] = ()
 
 
 def _per_frame(fn_hwc: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -109,16 +111,40 @@ def motion_trails(clip_thwc: np.ndarray, decay: float = TRAIL_DECAY) -> np.ndarr
 
 
 TASKS: tuple[Task, ...] = (
-    Task("pencil_sketch", "a pencil sketch", _per_frame(_pencil_sketch)),
-    Task("stylise", "a watercolor painting", _per_frame(_stylise)),
-    Task("cartoon", "a cartoon with bold outlines", _per_frame(_cartoon)),
-    Task("thermal", "a thermal camera image", _per_frame(_thermal)),
-    Task("night_vision", "green night vision footage", _per_frame(_night_vision)),
-    Task("sepia", "an old sepia photograph", _per_frame(_sepia)),
-    Task("negative", "a photographic negative", _per_frame(_negative)),
-    Task("edge_glow", "glowing neon edges on a dark scene", _per_frame(_edge_glow)),
-    Task("motion_trails", "long exposure motion trails", motion_trails),
+    Task("pencil_sketch", "a pencil sketch", _per_frame(_pencil_sketch),
+         ("a graphite pencil drawing", "hand-drawn with a pencil", "a sketch in grey pencil")),
+    Task("stylise", "a watercolor painting", _per_frame(_stylise),
+         ("painted in watercolours", "a soft watercolour artwork", "an aquarelle painting")),
+    Task("cartoon", "a cartoon with bold outlines", _per_frame(_cartoon),
+         ("a comic book style image", "cel-shaded animation", "a cartoon drawing with flat colours")),
+    Task("thermal", "a thermal camera image", _per_frame(_thermal),
+         ("infrared heat vision", "a heat map from an infrared camera", "thermal imaging")),
+    Task("night_vision", "green night vision footage", _per_frame(_night_vision),
+         ("seen through night-vision goggles", "a green low-light military camera",
+          "night vision")),
+    Task("sepia", "an old sepia photograph", _per_frame(_sepia),
+         ("a vintage brown-toned photo", "sepia toned", "an antique photograph from the 1900s")),
+    Task("negative", "a photographic negative", _per_frame(_negative),
+         ("inverted colours", "a film negative", "the colours reversed")),
+    Task("edge_glow", "glowing neon edges on a dark scene", _per_frame(_edge_glow),
+         ("neon outlines in the dark", "glowing edge lines", "a dark scene traced in neon light")),
+    Task("motion_trails", "long exposure motion trails", motion_trails,
+         ("a long-exposure photograph", "moving things leave ghostly trails", "motion blur trails")),
 )
+# Paraphrases of each task's prompt that no model is trained on: they test whether a model with a
+# language encoder (prompt.encoder=minilm) understands a prompt it never saw (`lsd eval
+# paraphrase`). Never add them to `phrasings`.
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "pencil_sketch": ("a pencil drawing", "a black and white sketch"),
+    "stylise": ("a watercolour picture", "an artwork made with watercolor paint"),
+    "cartoon": ("a cartoon", "an animated cartoon with thick black lines"),
+    "thermal": ("an infrared thermal image", "as seen by a heat camera"),
+    "night_vision": ("night vision goggles view", "green night-time surveillance footage"),
+    "sepia": ("a sepia photo", "an old brownish photograph"),
+    "negative": ("a negative image", "inverted photo colours"),
+    "edge_glow": ("neon glowing edges", "bright neon lines on black"),
+    "motion_trails": ("motion trails", "long exposure light trails"),
+}
 TASK_NAMES = tuple(task.name for task in TASKS)
 
 
