@@ -116,7 +116,8 @@ TASKS: tuple[Task, ...] = (
     Task("stylise", "a watercolor painting", _per_frame(_stylise),
          ("painted in watercolours", "a soft watercolour artwork", "an aquarelle painting")),
     Task("cartoon", "a cartoon with bold outlines", _per_frame(_cartoon),
-         ("a comic book style image", "cel-shaded animation", "a cartoon drawing with flat colours")),
+         ("a comic book style image", "cel-shaded animation",
+          "a cartoon drawing with flat colours")),
     Task("thermal", "a thermal camera image", _per_frame(_thermal),
          ("infrared heat vision", "a heat map from an infrared camera", "thermal imaging")),
     Task("night_vision", "green night vision footage", _per_frame(_night_vision),
@@ -129,7 +130,8 @@ TASKS: tuple[Task, ...] = (
     Task("edge_glow", "glowing neon edges on a dark scene", _per_frame(_edge_glow),
          ("neon outlines in the dark", "glowing edge lines", "a dark scene traced in neon light")),
     Task("motion_trails", "long exposure motion trails", motion_trails,
-         ("a long-exposure photograph", "moving things leave ghostly trails", "motion blur trails")),
+         ("a long-exposure photograph", "moving things leave ghostly trails",
+          "motion blur trails")),
 )
 # Paraphrases of each task's prompt that no model is trained on: they test whether a model with a
 # language encoder (prompt.encoder=minilm) understands a prompt it never saw (`lsd eval
