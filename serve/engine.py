@@ -131,6 +131,12 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
     from lsd_jax.streaming import StreamState, init_stream, make_step
 
     graphdef, params = nnx.split(model)
+    # Weights and state committed to one device, as the step's outputs are: the state a step
+    # returns then has the sharding of the one it was given, so the second frame does not compile
+    # the step again (weights restored by orbax carry a one-device mesh sharding, a fresh state
+    # none).
+    device = jax.devices()[0]
+    params = jax.device_put(params, device)
     max_steps = cfg.diffusion.sample_steps if max_steps is None else max_steps
     steps = {k: make_step(cfg, graphdef, steps=k) for k in range(1, max_steps + 1)}
 
@@ -141,7 +147,8 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
     return Engine(frame_hw=make_codec(cfg).frame_hw, steps=tuple(steps), batches=None,
                   describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),
                   external_dim=cfg.model.external_cond_dim,
-                  _init_state=lambda batch, seed: init_stream(cfg, batch, seed),
+                  _init_state=lambda batch, seed: jax.device_put(init_stream(cfg, batch, seed),
+                                                                 device),
                   _step_for=step_for,
                   trained_prompts=() if untrained else trained_prompts(cfg.model.prompt_dim,
                                                                        cfg.data.tasks))

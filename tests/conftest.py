@@ -1,9 +1,12 @@
-"""Shared fixtures: the repository root, the tiny config, a seeded numpy generator."""
+"""Shared fixtures: the repository root, the tiny config, a seeded numpy generator, a log of the
+jit compiles a test makes."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,3 +28,31 @@ def tiny_cfg() -> Config:
 @pytest.fixture
 def np_rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+class _CompileLog(logging.Handler):
+    """Collects the names (`jit(step)`) of the computations JAX compiles while attached."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Compiling "):
+            self.names.append(message.split()[1])
+
+
+@pytest.fixture
+def compile_log() -> list[str]:
+    """The names of the computations compiled during the test, in order (`jax_log_compiles`)."""
+    handler = _CompileLog()
+    logger = logging.getLogger("jax._src.interpreters.pxla")
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    logger.addHandler(handler)
+    try:
+        yield handler.names
+    finally:
+        logger.removeHandler(handler)
+        jax.config.update("jax_log_compiles", previous)

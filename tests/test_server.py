@@ -385,3 +385,28 @@ def test_origin_checked_against_the_bound_address_not_the_host_header(engine):
         statuses, accepted = run(scenario(server.url, server.port))
     assert list(statuses.values()) == [403, 403], statuses
     assert accepted == ["ready"] * 4
+
+
+def test_precompile_compiles_each_variant_once(tmp_path, compile_log):
+    """A checkpoint's model (weights restored by orbax) served with `precompile`: each (batch,
+    steps) variant compiles exactly once before the first client, and a session's frames then
+    compile nothing."""
+    from lsd_jax.checkpoint import save_model
+    from serve.engine import load_engine
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.py", SMALL)
+    save_model(tmp_path / "model", cfg, untrained_model(cfg, seed=2))
+    engine = load_engine(checkpoint=str(tmp_path / "model"))
+    frames = random_frames(4, seed=12)
+
+    async def scenario(url):
+        async with aiohttp.ClientSession() as http:
+            c, _ = await Client.connect(http, url)
+            return [(await c.frame(f))[0]["seq"] for f in frames]
+
+    with BackgroundServer(engine, ServerOptions(precompile=True)) as server:
+        at_start = compile_log.count("jit(step)")
+        seqs = run(scenario(server.url))
+    assert at_start == 3 * 2  # batches 1, 2, 4 x steps 1, 2
+    assert seqs == [1, 2, 3, 4]
+    assert compile_log.count("jit(step)") == at_start, compile_log

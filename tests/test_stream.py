@@ -123,3 +123,13 @@ def test_stream_bad_input_is_one_line(tmp_path, capsys):
     assert "none.mp4" in errors[0] and "no such file" in errors[0]
     assert "notes.mp4" in errors[1]
     assert "no prompt for frame 0" in errors[2]
+
+
+@pytest.mark.slow
+def test_stream_compiles_the_step_once(tmp_path, compile_log):
+    """The demo model's step compiles on the first frame only: the state it returns has the
+    placement of the state it was given, so frames 2..5 reuse the compiled step."""
+    assert main(["stream", "--input", "demo", "--prompt", "a pencil sketch", "--out",
+                 str(tmp_path / "o.mp4"), "--max-frames", "5", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert compile_log.count("jit(step)") == 1, compile_log
