@@ -32,6 +32,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _steps(text: str) -> int:
+    """An argparse type: denoising steps per frame, 1..128."""
+    from lsd_jax.cli import _int_in
+
+    return _int_in(1, 128)(text)
+
+
 def _non_negative_float(text: str) -> float:
     """An argparse type: a float >= 0."""
     try:
@@ -148,15 +155,18 @@ def _note_untrained_prompts(engine, prompts: list[str]) -> None:
 
 
 def _run_stream(args) -> int:
-    from serve.stream import parse_prompt_schedule, run_stream
+    from serve.stream import check_output, parse_prompt_schedule, run_stream
 
     schedule = parse_prompt_schedule(args.prompt, args.prompt_schedule)
+    check_output(args.out, args.input)
     engine = _engine(args, max_steps=args.steps)
     _say(f"lsd stream: {engine.describe}")
     _note_untrained_prompts(engine, [p for _, p in schedule])
     result = run_stream(engine, args.input, args.out, schedule, steps=args.steps,
                         side_by_side=args.side_by_side, max_frames=args.max_frames,
                         show_progress=not args.no_progress and not args.json, seed=args.seed)
+    if result["warning"]:
+        _say(f"lsd stream: warning: {result['warning']}")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -261,7 +271,7 @@ def register(commands, add_command, bench) -> None:
                         help="prompt changes by frame, e.g. '0:pencil sketch,120:thermal'")
     stream.add_argument("--out", required=True, help="output video (.mp4)")
     stream.add_argument("--side-by-side", action="store_true", help="input beside output")
-    stream.add_argument("--steps", type=int, default=None, help="denoising steps per frame")
+    stream.add_argument("--steps", type=_steps, default=None, help="denoising steps per frame")
     stream.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     stream.add_argument("--no-progress", action="store_true", help="no progress bar")
     stream.add_argument("--json", action="store_true", help="print one JSON object")
@@ -284,7 +294,7 @@ def register(commands, add_command, bench) -> None:
     serve.add_argument("--deadline-ms", type=float, default=None,
                        help="per-frame deadline: frames that cannot make it at the requested "
                             "steps are made with fewer")
-    serve.add_argument("--steps", type=int, default=None, help="maximum denoising steps")
+    serve.add_argument("--steps", type=_steps, default=None, help="maximum denoising steps")
     serve.add_argument("--prompt", default="a watercolor painting", help="initial prompt")
     serve.add_argument("--precompile", action="store_true",
                        help="compile every batch size and step count before accepting clients "
@@ -305,7 +315,7 @@ def register(commands, add_command, bench) -> None:
                              help="concurrent sessions, one run each (default 1,2,4)")
     bench_serve.add_argument("--frames", type=int, default=200, help="timed frames per session")
     bench_serve.add_argument("--warmup", type=int, default=10, help="untimed frames per session")
-    bench_serve.add_argument("--steps", type=int, default=None, help="denoising steps per frame")
+    bench_serve.add_argument("--steps", type=_steps, default=None, help="denoising steps per frame")
     bench_serve.add_argument("--json", action="store_true", help="print one JSON object")
     bench_serve.set_defaults(run=_run_bench_serve)
 
@@ -318,6 +328,6 @@ def register(commands, add_command, bench) -> None:
                              help="frames in each timed window (default 100)")
     long_stream.add_argument("--reps", type=int, default=200,
                              help="interleaved steps from each kept state (default 200)")
-    long_stream.add_argument("--steps", type=int, default=None, help="denoising steps per frame")
+    long_stream.add_argument("--steps", type=_steps, default=None, help="denoising steps per frame")
     long_stream.add_argument("--json", action="store_true", help="print one JSON object")
     long_stream.set_defaults(run=_run_bench_long_stream)

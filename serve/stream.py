@@ -28,6 +28,25 @@ class StreamInputError(ConfigError):
     """An input or output that cannot be opened, or a bad prompt schedule; names it."""
 
 
+# Containers OpenCV writes with the mp4v codec.
+OUTPUT_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi")
+
+
+def check_output(out: str | Path, source: str) -> Path:
+    """The output path, checked before anything is opened: a video extension OpenCV writes, and
+    not the input file itself."""
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_EXTENSIONS:
+        raise StreamInputError(f"output {str(out)!r}: extension {out.suffix or '(none)'!r}, "
+                               f"expected one of {', '.join(OUTPUT_EXTENSIONS)}")
+    if source not in ("demo", "webcam") and Path(source).exists() and (
+            out.absolute() == Path(source).absolute()
+            or (out.exists() and out.samefile(source))):
+        raise StreamInputError(f"output {str(out)!r} is the input file: writing it would "
+                               "overwrite the input; expected another path")
+    return out
+
+
 def demo_clip() -> Path:
     """The sample clip shipped in the package (`serve/assets/demo.mp4`, 192 frames, 24 fps)."""
     return Path(str(importlib.resources.files("serve").joinpath("assets/demo.mp4")))
@@ -92,10 +111,10 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
     if steps not in engine.steps:
         raise StreamInputError(f"--steps {steps}, expected one of {list(engine.steps)} for "
                                f"{engine.describe}")
+    out = check_output(out, source)
     capture, fps, count, name = open_source(source)
     total = count if max_frames is None else min(count or max_frames, max_frames)
     height, width = engine.frame_hw
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out_w = 2 * width if side_by_side else width
     writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (out_w, height))
@@ -104,7 +123,7 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
                                "writable .mp4 path)")
     state = engine.init_state(engine.pick_batch(1), seed)
     pad = state[3].shape[0] - 1  # an artifact without batch 1 runs its smallest batch, padded
-    latencies_s, first_frame_s, frames = [], None, 0
+    latencies_s, first_frame_s, frames, interrupted = [], None, 0, False
     bar = Progress(console=Console(stderr=True), refresh_per_second=4, transient=True,
                    disable=not show_progress)
     task = bar.add_task(f"{name} -> {out.name}", total=total)
@@ -132,13 +151,19 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
                 frames += 1
                 bar.update(task, advance=1)
     except KeyboardInterrupt:
-        pass  # a webcam stream ends with Ctrl-C; what was streamed so far is written
+        interrupted = True  # a webcam stream ends with Ctrl-C; what was streamed is written
     finally:
         wall_s = time.perf_counter() - start
         capture.release()
         writer.release()
+        if frames == 0:
+            out.unlink(missing_ok=True)  # an empty video is no output
     if frames == 0:
-        raise StreamInputError(f"input {name!r} gave no frames")
+        raise StreamInputError(f"input {name!r} gave no frames (no output written)")
+    warning = None
+    if count is not None and frames < min(count, max_frames or count) and not interrupted:
+        warning = (f"input {name!r}: read {frames} of the {count} frames its container lists; "
+                   "the rest could not be decoded (a damaged or truncated file?)")
     ms = 1e3 * np.asarray(latencies_s or [first_frame_s])
     return {
         "input": name,
@@ -156,4 +181,6 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
         "step_fps": float(1e3 / ms.mean()),
         "fps": frames / wall_s,
         "wall_s": wall_s,
+        "frames_in_container": count,
+        "warning": warning,
     }
