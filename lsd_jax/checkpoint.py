@@ -14,7 +14,12 @@ config (after overrides) whose prompt encoder differs from the recorded one is a
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -102,11 +107,62 @@ def load_model(directory: str | Path, overrides=()) -> tuple[Config, DiT]:
 
 def restore_params(path: Path, abstract_params, described_by: str):
     """Restore an orbax checkpoint of parameters onto the shapes/dtypes of `abstract_params`;
-    a mismatch is a `CheckpointError` naming the directory and what the shapes came from."""
+    a mismatch or damaged data is a `CheckpointError` naming the directory."""
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _stderr_held() as held, ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(path, target)
+            params = ckptr.restore(path, target)
         except ValueError as err:
-            raise CheckpointError(f"{str(path.parent)!r}: weights do not fit {described_by}: "
-                                  f"{err}") from None
+            shapes = "shape" in str(err)
+            failure = (f"weights do not fit {described_by}" if shapes else
+                       "weights cannot be read (damaged files?)") + f": {_first_line(err)}"
+        # Damaged data surfaces as many types (tensorstore's plain Exception, OSError, KeyError).
+        except Exception as err:  # noqa: BLE001
+            failure = (f"weights cannot be read (damaged files?): {type(err).__name__}: "
+                       f"{_first_line(err)}")
+        else:
+            held.release()
+            return params
+    raise CheckpointError(f"{str(path.parent)!r}: {failure}")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+class _stderr_held:
+    """Holds what is written to file descriptor 2 meanwhile: `release()` writes it out. A failed
+    orbax restore leaves reads in flight whose callbacks print tracebacks of its closed event
+    loop; when the restore fails, those are dropped (the `CheckpointError` says what failed)."""
+
+    GRACE_S = 0.5
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._file = tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+        self._released = False
+        return self
+
+    def release(self) -> None:
+        self._released = True
+
+    def __exit__(self, *exc):
+        if not self._released:
+            time.sleep(self.GRACE_S)  # the abandoned reads finish, their callbacks fail here
+            hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+            try:
+                gc.collect()  # and their never-awaited coroutines are collected here
+            finally:
+                sys.unraisablehook = hook
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if self._released:
+            self._file.seek(0)
+            text = self._file.read()
+            if text:
+                sys.stderr.buffer.write(text)
+                sys.stderr.flush()
+        self._file.close()
