@@ -257,6 +257,77 @@ def _fail(path: Path, why: str):
     raise ArtifactError(f"{str(path)!r} is not a usable lsd step artifact: {why}")
 
 
+_MISSING = object()
+
+
+def _field(path: Path, header: dict, name: str, kind, *, check=None, expected: str = ""):
+    """`header[a][b]...` for `name` "a.b...", of type `kind` (and passing `check`); anything else
+    is an `ArtifactError` naming the field."""
+    value = header
+    for key in name.split("."):
+        value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            _fail(path, f"header field {name!r} is missing")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or (
+            check is not None and not check(value)):
+        _fail(path, f"header field {name!r} is {json.dumps(value)[:80]}, expected "
+                    f"{expected or getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _int_list(value, length: int | None = None) -> bool:
+    return (all(type(v) is int and v >= 0 for v in value)
+            and (length is None or len(value) == length))
+
+
+def _dtype_ok(name: str) -> bool:
+    try:
+        _dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_header(path: Path, header: dict) -> None:
+    """Every header field `load_artifact` and the engine read, with its type: a hand-edited
+    header (re-hashed) fails here, naming the field, not later with a KeyError."""
+    nonneg = {"check": lambda v: v >= 0, "expected": "an integer >= 0"}
+    positive_ints = {"check": lambda v: v and _int_list(v) and min(v) > 0,
+                     "expected": "a non-empty list of positive integers"}
+    for name in ("source", "jax_version"):
+        _field(path, header, name, str)
+    _field(path, header, "untrained", bool)
+    _field(path, header, "frame_shape", list, check=lambda v: _int_list(v, 3) and min(v) > 0,
+           expected="[height, width, channels], positive integers")
+    batches = _field(path, header, "batches", list, **positive_ints)
+    steps = _field(path, header, "steps", list, **positive_ints)
+    for name in ("model.prompt_dim", "model.external_cond_dim"):
+        _field(path, header, f"config.{name}", int, **nonneg)
+    _field(path, header, "prompt.encoder", str)
+    _field(path, header, "prompt.dim", int, **nonneg)
+    blobs = _field(path, header, "blobs", dict)
+    for name in ["weights", *(_variant_name(b, k) for b in batches for k in steps)]:
+        for key in ("offset", "nbytes"):
+            _field(path, header, f"blobs.{name}.{key}", int, **nonneg)
+        _field(path, header, f"blobs.{name}.sha256", str)
+    for name in blobs:
+        _field(path, header, f"blobs.{name}", dict)
+    params = _field(path, header, "params", list)
+    for i, p in enumerate(params):
+        entry = {f"params[{i}]": p}
+        _field(path, entry, f"params[{i}].shape", list, check=_int_list,
+               expected="a list of integers >= 0")
+        _field(path, entry, f"params[{i}].dtype", str, check=_dtype_ok,
+               expected="a numpy dtype name")
+        _field(path, entry, f"params[{i}].offset", int, **nonneg)
+    for b in batches:
+        for name in STATE_FIELDS:
+            _field(path, header, f"inputs_by_batch.{b}.{name}.shape", list, check=_int_list,
+                   expected="a list of integers >= 0")
+            _field(path, header, f"inputs_by_batch.{b}.{name}.dtype", str, check=_dtype_ok,
+                   expected="a numpy dtype name")
+
+
 def load_artifact(path: str | Path) -> Artifact:
     """Read and verify a `.lsdx` file (magic, header hash, format and version, every blob's size
     and sha256), then deserialize its exported steps. Raises `ArtifactError` naming the problem."""
@@ -275,10 +346,16 @@ def load_artifact(path: str | Path) -> Artifact:
                     f"{len(header_bytes)}")
     if hashlib.sha256(header_bytes).digest() != data[len(MAGIC) + 8 : _PREFIX]:
         _fail(path, "the header does not match its sha256: the file was altered")
-    header = json.loads(header_bytes)
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        _fail(path, f"the header is not UTF-8 JSON: {err}")
+    if not isinstance(header, dict):
+        _fail(path, f"the header is JSON {type(header).__name__}, expected an object")
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         _fail(path, f"format {header.get('format')!r} version {header.get('version')!r}, this "
                     f"lsd reads format {FORMAT!r} version {VERSION}")
+    _check_header(path, header)
     body = memoryview(data)[_PREFIX + header_len :]
     expected = sum(b["nbytes"] for b in header["blobs"].values())
     if len(body) != expected:
@@ -292,9 +369,12 @@ def load_artifact(path: str | Path) -> Artifact:
         blobs[name] = blob
     weights = blobs.pop("weights")
     params_list = []
-    for p in header["params"]:
+    for i, p in enumerate(header["params"]):
         dtype = _dtype(p["dtype"])
         count = int(np.prod(p["shape"], dtype=np.int64))
+        if p["offset"] + count * dtype.itemsize > len(weights):
+            _fail(path, f"header field 'params[{i}]' lies outside the {len(weights)} bytes of "
+                        f"weights (shape {p['shape']}, {p['dtype']}, offset {p['offset']})")
         array = np.frombuffer(weights, dtype, count, p["offset"]).reshape(p["shape"])
         params_list.append(jnp.asarray(array))
     exported = {}

@@ -134,6 +134,45 @@ def test_damaged_file_is_a_clear_error(exported, tmp_path, damage, message):
     assert str(bad) in str(info.value)
 
 
+def _drop(*keys):
+    def edit(header):
+        for key in keys[:-1]:
+            header = header[key]
+        del header[keys[-1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, field, expected", [
+    (_drop("frame_shape"), "frame_shape", "is missing"),
+    (_drop("config", "model"), "config.model.prompt_dim", "is missing"),
+    (_drop("blobs", "step_b2_k3"), "blobs.step_b2_k3.offset", "is missing"),
+    (_drop("inputs_by_batch", "1"), "inputs_by_batch.1.cache_k.shape", "is missing"),
+    (lambda h: h.update(batches="1,2"), "batches", 'is "1,2", expected a non-empty list'),
+    (lambda h: h.update(prompt=None), "prompt.encoder", "is missing"),
+    (lambda h: h["params"][0].update(dtype="float33"), "params[0].dtype",
+     'is "float33", expected a numpy dtype name'),
+    (lambda h: h["params"][1].update(shape=[10**6, 10**6]), "params[1]", "lies outside"),
+    (lambda h: h["blobs"]["weights"].update(offset="0"), "blobs.weights.offset",
+     'is "0", expected an integer >= 0'),
+    (lambda h: h.update(untrained="yes"), "untrained", 'is "yes", expected bool'),
+])
+def test_edited_header_is_an_error_naming_the_field(exported, tmp_path, capsys, edit, field,
+                                                    expected):
+    """A hand-edited header with its sha256 recomputed: `lsd stream --artifact` exits 2 with one
+    `lsd: error:` line naming the field and what was wrong (no KeyError, TypeError, ValueError)."""
+    from lsd_jax.cli import main
+
+    _, _, _, path = exported
+    bad = tmp_path / "edited.lsdx"
+    bad.write_bytes(_rewrite_header(path.read_bytes(), edit))
+    assert main(["stream", "--artifact", str(bad), "--input", "demo", "--prompt", "x",
+                 "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"lsd: error: {str(bad)!r} is not a usable lsd step artifact: "
+                             f"header field {field!r} {expected}"), err[0]
+
+
 def test_lsd_export_command_reports_errors_in_one_line(tmp_path, capsys):
     """`lsd stream --artifact` on a damaged file and `lsd export` to an unknown platform exit 2
     with one `lsd: error:` line."""
