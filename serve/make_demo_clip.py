@@ -1,6 +1,7 @@
 """Make `serve/assets/demo.mp4`, the clip `lsd stream --input demo` plays (no download at run time).
 
     python -m serve.make_demo_clip            # needs scikit-image (the `test` extra)
+    python -m serve.make_demo_clip --out clip.mp4
 
 A virtual camera pans and zooms across four of scikit-image's photographs (astronaut, chelsea,
 coffee, rocket), 48 frames each, with a short cross-fade between them: 192 frames of 192x144 at
@@ -10,6 +11,7 @@ so the same scikit-image and OpenCV versions make the same file.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 
 OUT = Path(__file__).resolve().parent / "assets" / "demo.mp4"
 WIDTH, HEIGHT, FPS, FRAMES_PER_PHOTO, FADE = 192, 144, 24, 48, 8
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
 def camera_frame(photo_hwc: np.ndarray, t: float) -> np.ndarray:
@@ -36,7 +39,7 @@ def demo_frames() -> list[np.ndarray]:
     """The clip's frames, RGB uint8 `[HEIGHT, WIDTH, 3]`."""
     from skimage import data
 
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    photos = [getattr(data, name)() for name in PHOTOS]
     frames = []
     for i, photo in enumerate(photos):
         for j in range(FRAMES_PER_PHOTO):
@@ -50,13 +53,21 @@ def demo_frames() -> list[np.ndarray]:
     return frames
 
 
-def main() -> int:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(OUT), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (WIDTH, HEIGHT))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.make_demo_clip",
+        description=f"Write the demo clip lsd stream --input demo plays: {len(PHOTOS)} "
+                    f"scikit-image photographs, {FRAMES_PER_PHOTO} frames each, {WIDTH}x{HEIGHT} "
+                    f"at {FPS} fps (mp4v).")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"where to write it (default: the packaged {OUT.name}, replaced)")
+    out = parser.parse_args(argv).out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (WIDTH, HEIGHT))
     for frame in demo_frames():
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
-    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return 0
 
 

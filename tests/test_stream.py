@@ -133,3 +133,108 @@ def test_stream_compiles_the_step_once(tmp_path, compile_log):
                  str(tmp_path / "o.mp4"), "--max-frames", "5", "--steps", "1",
                  "--no-progress"]) == 0
     assert compile_log.count("jit(step)") == 1, compile_log
+
+
+def test_stream_arguments_checked_before_streaming(tmp_path, capsys):
+    """Steps outside 1..128, an output OpenCV cannot write and an output that is the input are
+    one-line errors naming the value, before any model is loaded; the input is left intact."""
+    for steps in ("200", "0"):
+        with pytest.raises(SystemExit) as info:
+            main(["stream", "--input", "demo", "--prompt", "x", "--out", str(tmp_path / "o.mp4"),
+                  "--steps", steps])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"lsd stream: error: argument --steps: {steps} is not in 1..128")
+    video = _video(tmp_path / "in.mp4", 4)
+    before = video.read_bytes()
+    assert main(["stream", "--input", "demo", "--prompt", "x",
+                 "--out", str(tmp_path / "out.txt")]) == 2
+    assert main(["stream", "--input", str(video), "--prompt", "x", "--out", str(video)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lsd: error: output {str(tmp_path / 'out.txt')!r}: extension '.txt', "
+                   "expected one of .mp4, .m4v, .mov, .mkv, .avi",
+                   f"lsd: error: output {str(video)!r} is the input file: writing it would "
+                   "overwrite the input; expected another path"]
+    assert video.read_bytes() == before and not (tmp_path / "out.txt").exists()
+
+
+def _video(path, frames: int):
+    rng = np.random.default_rng(5)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 24, (64, 64))
+    for small in rng.integers(0, 256, (frames, 8, 8, 3), dtype=np.uint8):
+        writer.write(cv2.resize(small, (64, 64), interpolation=cv2.INTER_LINEAR))
+    writer.release()
+    return path
+
+
+SMALL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.window=4",
+         "diffusion.sample_steps=1"]
+
+
+@pytest.mark.slow
+def test_stream_damaged_inputs(tmp_path, capfd):
+    """A video whose middle is overwritten streams the frames that decode, with a warning giving
+    both counts; one that gives no frame leaves no output file; a checkpoint whose weight data is
+    overwritten is one `lsd: error:` line (no traceback, no closed-event-loop noise)."""
+    data = _video(tmp_path / "clip.mp4", 48).read_bytes()
+    rng = np.random.default_rng(0)
+    middle = bytearray(data)
+    middle[len(data) // 2 : len(data) // 2 + 2000] = rng.integers(0, 256, 2000, np.uint8).tobytes()
+    (tmp_path / "middle.mp4").write_bytes(middle)
+    readable = len(read_video(tmp_path / "middle.mp4"))
+    assert 0 < readable < 48
+    start = data.find(b"mdat") + 4
+    (tmp_path / "none.mp4").write_bytes(data[:start] + bytes(len(data) // 2)
+                                        + data[start + len(data) // 2 :])
+    assert read_video(tmp_path / "none.mp4") == []
+    common = ["--prompt", "x", "--config", "tiny", *SMALL, "--no-progress"]
+
+    assert main(["stream", "--input", str(tmp_path / "middle.mp4"),
+                 "--out", str(tmp_path / "a.mp4"), *common]) == 0
+    err = capfd.readouterr().err
+    assert (f"lsd stream: warning: input {str(tmp_path / 'middle.mp4')!r}: read {readable} of "
+            "the 48 frames its container lists") in err
+    assert len(read_video(tmp_path / "a.mp4")) == readable
+
+    assert main(["stream", "--input", str(tmp_path / "none.mp4"),
+                 "--out", str(tmp_path / "b.mp4"), *common]) == 2
+    assert "gave no frames (no output written)" in capfd.readouterr().err
+    assert not (tmp_path / "b.mp4").exists()
+
+    from lsd_jax.checkpoint import save_model
+    from lsd_jax.config import load_config
+    from serve.engine import untrained_model
+
+    cfg = load_config("configs/tiny.py", SMALL)
+    model_dir = save_model(tmp_path / "model", cfg, untrained_model(cfg))
+    damaged = list((model_dir / "params").glob("ocdbt.process_0/d/*"))
+    assert damaged
+    for path in damaged:
+        path.write_bytes(rng.integers(0, 256, path.stat().st_size, np.uint8).tobytes())
+    capfd.readouterr()
+    assert main(["stream", "--checkpoint", str(model_dir), "--input", "demo", "--prompt", "x",
+                 "--out", str(tmp_path / "c.mp4"), "--no-progress"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err[:20]
+    assert err[0].startswith(f"lsd: error: {str(model_dir)!r}: weights cannot be read "
+                             "(damaged files?)"), err[0]
+
+
+def test_make_demo_clip_help_only_prints_help(tmp_path, repo_root):
+    """`python -m serve.make_demo_clip --help` prints its usage and leaves the packaged clip alone;
+    `--out` writes the clip elsewhere."""
+    import subprocess
+    import sys
+
+    before = demo_clip().stat().st_mtime_ns
+    shown = subprocess.run([sys.executable, "-m", "serve.make_demo_clip", "--help"], cwd=repo_root,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m "
+                                                             "serve.make_demo_clip")
+    assert demo_clip().stat().st_mtime_ns == before
+    made = subprocess.run([sys.executable, "-m", "serve.make_demo_clip", "--out",
+                           str(tmp_path / "clip.mp4")], cwd=repo_root, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert demo_clip().stat().st_mtime_ns == before
+    assert len(read_video(tmp_path / "clip.mp4")) == 192
