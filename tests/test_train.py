@@ -186,3 +186,63 @@ def test_eval_loads_the_ema_of_a_training_step(uninterrupted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 7 .*\[5, 10, 15, 20\]"):
         resolve_model(f"{uninterrupted}@7")
+
+
+@pytest.mark.slow
+def test_resume_moves_a_damaged_checkpoint_aside_and_keeps_the_saved_config(tmp_path, repo_root,
+                                                                             capsys):
+    """`--resume` with no checkpoint says so and starts at 0. After its step-8 checkpoint is
+    overwritten with random bytes, `--resume train.steps=12` (without the run's
+    train.batch_size=4 on the command line) restores step 4 with the saved batch size, moves step 8
+    aside, trains to 12 and saves 8 and 12 again; metrics.jsonl holds each step once. Overrides
+    that conflict with the saved config are one-line errors naming both values."""
+    from lsd_jax.cli import main
+
+    workdir, env = tmp_path / "run", _env(tmp_path / "cache")
+    overrides = [*TINY, "train.save_every=4", "train.keep=10", "train.log_every=1",
+                 "train.sample_every=0"]
+    first = subprocess.run(_train_cmd(workdir, [*overrides, "train.steps=8"], "--resume"),
+                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (f"--resume: no checkpoint in {workdir.absolute() / 'checkpoints'}; starting from "
+            "step 0\n") in first.stderr
+    rng = np.random.default_rng(0)
+    for path in (workdir / "checkpoints" / "8").rglob("*"):
+        if path.is_file():
+            path.write_bytes(rng.integers(0, 256, max(path.stat().st_size, 16), np.uint8)
+                             .tobytes())
+
+    without_batch = [o for o in overrides if not o.startswith("train.batch_size=")]
+    for conflict, saved in [("train.batch_size=2", "train.batch_size=4"),
+                            ("model.depth=2", "model.depth=1")]:
+        assert main(["train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+                     *without_batch, conflict, "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"lsd: error: {conflict} conflicts with the run being resumed, which has {saved} "), err
+
+    resumed = subprocess.run(_train_cmd(workdir, [*without_batch, "train.steps=12"], "--resume"),
+                             cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4\n" in resumed.stderr
+    assert "moved the damaged checkpoint step 8 aside to " in resumed.stderr
+    names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert names[:3] == ["12", "4", "8"] and len(names) == 4
+    assert re.fullmatch(r"8\.damaged-\d{8}T\d{6}", names[3]), names
+    assert int(_restore_state(workdir, 12)["step"]) == 12
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+    saved = json.loads((workdir / "model" / "config.json").read_text())["config"]
+    assert saved["train"]["batch_size"] == 4 and saved["train"]["steps"] == 12
+
+
+def test_unwritable_workdir_is_one_line(capsys):
+    """A work directory that cannot be written (under /sys: even root cannot) is one line naming
+    it, exit 2, before any data or compile."""
+    from lsd_jax.cli import main
+
+    workdir = "/sys/lsd-test-workdir"
+    assert main(["train", "--config", "configs/tiny.py", "--workdir", workdir, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lsd: error: work directory {workdir!r} is not writable: Operation not "
+                   "permitted"], err

@@ -55,7 +55,11 @@ def register(commands, add_command, bench) -> None:
     parser.add_argument("--workdir", help="checkpoints, model, metrics (required unless "
                                           "--aot-only)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest readable checkpoint in --workdir")
+                        help="continue from the newest readable checkpoint in --workdir, with "
+                             "the run's saved config (WORKDIR/model/config.json): overrides may "
+                             "change train.steps and mesh.*, another value is an error; with no "
+                             "checkpoint there yet, it says so and starts from step 0 (so one "
+                             "command both starts and continues a run)")
     parser.add_argument("--aot-only", action="store_true",
                         help="lower and compile the step, report per-device memory, do not run")
     parser.add_argument("--devices", type=_positive_int, default=None,
@@ -117,6 +121,10 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     if not args.workdir:
         raise ConfigError("lsd train needs --workdir DIR (or --aot-only)")
+    if args.resume:
+        from pathlib import Path
+
+        cfg = trainer.resume_config(Path(args.workdir), cfg, args.overrides)
     log = (lambda msg: print(msg, file=sys.stderr)) if jax.process_index() == 0 else (
         lambda msg: None)
     result = trainer.train(cfg, args.workdir, resume=args.resume,

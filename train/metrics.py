@@ -29,10 +29,11 @@ SAMPLE_FPS = 8
 
 
 class Metrics:
-    """Writers for one run; every method is a no-op when `enabled` is False (other processes)."""
+    """Writers for one run; every method is a no-op when `enabled` is False (other processes).
+    `metrics.jsonl` keeps the lines of steps up to `start_step`, the step the run starts from."""
 
     def __init__(self, workdir: str | Path, cfg: Config, *, enabled: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, start_step: int = 0):
         self.workdir, self.cfg, self.enabled = Path(workdir), cfg, enabled
         self.show_progress = progress and enabled
         self.history: list[tuple[int, float]] = []
@@ -44,7 +45,14 @@ class Metrics:
 
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(self.workdir / "tb"))
-            self._jsonl = (self.workdir / "metrics.jsonl").open("a")
+            jsonl = self.workdir / "metrics.jsonl"
+            if jsonl.exists():
+                # Steps after the one the run (re)starts from were logged by a run that died
+                # before saving them; they are about to be logged again.
+                kept = [line for line in jsonl.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= start_step]
+                jsonl.write_text("".join(kept))
+            self._jsonl = jsonl.open("a")
 
     def progress(self, start: int, total: int):
         """Training progress on stderr (`lsd_jax.progress`): a context yielding a tracker whose

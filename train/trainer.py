@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import shutil
 import signal
+import tempfile
 import time
 import warnings
 import zlib
@@ -259,24 +260,86 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: dict, data_state: dic
 def restore_checkpoint(manager: ocp.CheckpointManager,
                        abstract_state: dict) -> tuple[int, dict, dict] | None:
     """`(step, state, data_state)` of the newest checkpoint that restores, onto the shardings of
-    `abstract_state`; a damaged newer one is skipped with a warning naming it. None if there is
-    no checkpoint."""
+    `abstract_state`; a damaged newer one is skipped with a warning naming it and, once an older
+    one restores, moved aside to `STEP.damaged-TIME` (so the run can save that step again). None
+    if there is no checkpoint."""
     steps = sorted(manager.all_steps(), reverse=True)
+    damaged = []
     for step in steps:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         # Damaged files surface as many types (tensorstore ValueError, OSError, KeyError...).
         except Exception as err:  # noqa: BLE001
+            first = (str(err).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"checkpoint step {step} in {manager.directory} cannot be restored "
-                          f"({type(err).__name__}: {str(err)[:200]}); trying an older one",
-                          stacklevel=2)
+                          f"({type(err).__name__}: {first}); trying an older one", stacklevel=2)
+            damaged.append(step)
             continue
+        for bad in damaged:
+            _move_aside(manager, bad)
+        if damaged:
+            manager.reload()
         return step, restored.state, restored.data
     if steps:
         raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps "
                               f"{steps})")
     return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    """Rename the damaged checkpoint `STEP` to `STEP.damaged-TIME` (orbax ignores that name)."""
+    source = Path(manager.directory) / str(step)
+    target = source.with_name(f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0:
+        source.rename(target)
+        warnings.warn(f"moved the damaged checkpoint step {step} aside to {target}",
+                      stacklevel=3)
+    _sync(f"moved-aside-{step}")
+
+
+def check_workdir(workdir: Path) -> None:
+    """The work directory exists (made if need be) and takes new files; else a `CheckpointError`
+    naming it."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=workdir).close()
+    except OSError as err:
+        raise CheckpointError(f"work directory {str(workdir)!r} is not writable: "
+                              f"{err.strerror or err}") from None
+
+
+def resume_config(workdir: Path, cfg: Config, overrides) -> Config:
+    """The config a resumed run continues with: the run's own (`WORKDIR/model/config.json`,
+    written at every save) with `overrides` applied, where an override may change `train.steps`
+    (to extend the run) and `mesh.*` (where it runs) but nothing else the run was made with: a
+    conflict is a `ConfigError` naming the key and both values. `cfg` (the command line's) when
+    the run has not saved yet."""
+    from lsd_jax.checkpoint import load_config_from
+    from lsd_jax.config import apply_overrides, to_dict
+
+    if not (workdir / "model" / "config.json").is_file():
+        return cfg
+    saved = load_config_from(workdir / "model")
+    resumed = apply_overrides(saved, list(overrides))
+    old, new = _flat(to_dict(saved)), _flat(to_dict(resumed))
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key) and key != "train.steps" and not key.startswith("mesh."):
+            saved_at = workdir / "model" / "config.json"
+            raise ConfigError(f"{key}={new.get(key)!r} conflicts with the run being resumed, "
+                              f"which has {key}={old.get(key)!r} ({saved_at}); only "
+                              "train.steps and mesh.* may change on --resume")
+    return resumed
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def export_model(workdir: Path, cfg: Config, ema: dict) -> Path:
@@ -337,6 +400,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
     from train.metrics import Metrics
 
     workdir = Path(workdir)
+    check_workdir(workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     cfg = resolve_batch_size(cfg, mesh)
     # Data and work directory first: their errors should not wait for a compile.
@@ -356,13 +420,16 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
     restored = restore_checkpoint(manager, sharded.abstract_state) if resume else None
     if restored is None:
         state = sharded.init()
+        if resume:
+            log(f"--resume: no checkpoint in {manager.directory}; starting from step 0")
     else:
         step, state, data_state = restored
         data_iter.set_state(data_state)
         log(f"resumed from step {step}")
 
-    metrics = Metrics(workdir, cfg, enabled=jax.process_index() == 0, progress=progress)
     start = int(jax.device_get(state["step"]))
+    metrics = Metrics(workdir, cfg, enabled=jax.process_index() == 0, progress=progress,
+                      start_step=start)
     t = cfg.train
     frames_per_step = t.batch_size * cfg.data.clip_frames
     last_loss, stopped_by = None, None
