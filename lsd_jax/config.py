@@ -191,6 +191,9 @@ class DiffusionConfig:
     noise_sampler: str = "independent"
     # Rectified flow: training levels u ~ U[0, 1] shifted to s u / (1 + (s - 1) u) (1: uniform).
     level_shift: float = 1.0
+    # What the network sees of a noised frame: "unit" (x_t) or "signal" (x_t times the clean
+    # frame's weight, so pure noise enters as zeros; `Process.network_input`).
+    input_scale: str = "unit"
     history_low_max: float = 0.1
     shortcut: bool = True
     shortcut_fraction: float = 0.25
@@ -218,6 +221,7 @@ class DiffusionConfig:
         if self.ctx_level < 0:
             raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected >= 0")
         _check_positive("diffusion.level_shift", self.level_shift)
+        _check_choice("diffusion.input_scale", self.input_scale, ("unit", "signal"))
         if self.process == "ddpm_v" and self.ctx_level >= self.num_timesteps:
             raise ConfigError(f"diffusion.ctx_level={self.ctx_level}, expected < "
                               f"diffusion.num_timesteps={self.num_timesteps}")

@@ -60,6 +60,19 @@ class Process(abc.ABC):
         """The value fed to the network's sinusoidal noise-level embedding."""
 
     @abc.abstractmethod
+    def signal_scale(self, level: jax.Array) -> jax.Array:
+        """The weight of the clean frame in `add_noise` (1 - t; sqrt(abar) for DDPM)."""
+
+    def network_input(self, x_t: jax.Array, level: jax.Array) -> jax.Array:
+        """What the network is fed for noised frames `x_t` at `level`: `x_t` itself
+        (`diffusion.input_scale="unit"`), or `x_t` times the clean frame's weight ("signal"), so
+        pure noise enters as zeros and the first of a few sampling steps predicts from the input
+        frame and the history alone, with nothing of the starting noise to copy."""
+        if self.input_scale == "unit":
+            return x_t
+        return x_t * _expand(self.signal_scale(level), x_t)
+
+    @abc.abstractmethod
     def sampling_schedule(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """`(levels [n+1], step_sizes [n])` float32 numpy, from pure noise down to clean."""
 
@@ -88,6 +101,7 @@ class RectifiedFlow(Process):
         self.min_step_size = 1.0 / cfg.shortcut_max_steps
         self.prediction = cfg.prediction
         self.level_shift = float(cfg.level_shift)
+        self.input_scale = cfg.input_scale
 
     def add_noise(self, x0, eps, level):
         t = _expand(level, x0)
@@ -121,6 +135,9 @@ class RectifiedFlow(Process):
     def model_time(self, level):
         # The embedding's frequencies were designed for integer timesteps 0..999 (DiT, Oasis).
         return jnp.asarray(level, jnp.float32) * 1000.0
+
+    def signal_scale(self, level):
+        return 1.0 - jnp.asarray(level, jnp.float32)
 
     def sampling_schedule(self, n_steps):
         """Shortcut-model schedule: start from one step of size 1 and repeatedly split the largest
@@ -174,6 +191,7 @@ class DDPMV(Process):
 
     def __init__(self, cfg: DiffusionConfig):
         self.num_timesteps = cfg.num_timesteps
+        self.input_scale = cfg.input_scale
         self.max_level = float(cfg.num_timesteps - 1)
         self.ctx_level = float(cfg.ctx_level)
         self.alphas_cumprod = sigmoid_alphas_cumprod(
@@ -211,6 +229,9 @@ class DDPMV(Process):
     def model_time(self, level):
         # Oasis feeds the raw integer timestep to its embedding.
         return jnp.asarray(level, jnp.float32)
+
+    def signal_scale(self, level):
+        return jnp.sqrt(self.abar(level))
 
     def sampling_schedule(self, n_steps):
         """Oasis `noise_range = linspace(-1, T-1, n+1)`, reversed (T-1 -> -1) and truncated to

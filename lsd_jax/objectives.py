@@ -412,7 +412,7 @@ def loss_fn(model_apply: Callable, params, batch: dict, rng: jax.Array, cfg: Con
             # Shortcut targets run on the first clips only: slice the conditioning to match.
             n = x_bthwc.shape[0]
             return model_apply(
-                p, x_bthwc, process.model_time(level_bt),
+                p, process.network_input(x_bthwc, level_bt), process.model_time(level_bt),
                 step_size_bt=step_bt if cfg.model.use_step_size else None,
                 cond_bthwc=None if cond_bthwc is None else cond_bthwc[:n],
                 prompt_bp=None if prompt_bp is None else prompt_bp[:n],

@@ -123,7 +123,8 @@ def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll:
 
         def denoise(x_bhwc, level):
             t, t_next, d = level
-            pred, _, _ = model.stream_pass(x_bhwc, full(process.model_time(t)), ctx,
+            pred, _, _ = model.stream_pass(process.network_input(x_bhwc, t),
+                                           full(process.model_time(t)), ctx,
                                            step_size_b=step_b(d), **kwargs)
             return process.denoise_step(x_bhwc, pred, t, t_next), None
 
@@ -131,7 +132,8 @@ def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll:
         x0_bhwc, _ = jax.lax.scan(denoise, x_bhwc, (levels[:-1], levels[1:], step_sizes),
                                   unroll=unroll)
         x_ctx = context_frame(cfg, process, x0_bhwc, k_ctx)
-        _, k_new, v_new = model.stream_pass(x_ctx, full(process.model_time(ctx_level)), ctx,
+        _, k_new, v_new = model.stream_pass(process.network_input(x_ctx, ctx_level),
+                                            full(process.model_time(ctx_level)), ctx,
                                             step_size_b=step_b(min_step), **kwargs)
         return write_cache(cfg, state, k_new, v_new)._replace(rng=rng), x0_bhwc
 
@@ -182,7 +184,9 @@ def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None =
         x = _initial_noise(k_noise, (batch, *m.frame_shape))
         ctx_time = process.model_time(cfg.diffusion.ctx_level)
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
-            clip = jnp.stack([*history, x], axis=1)
+            level_bt = jnp.broadcast_to(jnp.asarray(
+                [cfg.diffusion.ctx_level] * i + [t], jnp.float32), (batch, i + 1))
+            clip = process.network_input(jnp.stack([*history, x], axis=1), level_bt)
             time_bt = jnp.asarray([ctx_time] * i + [process.model_time(t)], jnp.float32)
             step_bt = jnp.asarray([process.min_step_size] * i + [d], jnp.float32)
             pred = model(

@@ -60,8 +60,11 @@ def stream(cfg, model, num_frames, cond, prompt, ext, *, rng, start_frame=0, ste
     ("diffusion.context_noise=noised", "diffusion.ctx_level=0.1"),
     OASIS_LIKE,
     ("diffusion.prediction=x0",),
-    ("diffusion.prediction=x0", "model.pixel_channels=8", "model.pixel_residual=true"),
-], ids=["rf-label", "rf-noised", "ddpm-oasis-like", "rf-x0", "rf-x0-pixel-path"])
+    ("diffusion.prediction=x0", "model.pixel_channels=8", "model.pixel_residual=true",
+     "diffusion.input_scale=signal"),
+    (*OASIS_LIKE, "diffusion.input_scale=signal"),
+], ids=["rf-label", "rf-noised", "ddpm-oasis-like", "rf-x0", "rf-x0-pixel-signal",
+        "ddpm-signal"])
 def test_step_equals_reference_sampler(overrides):
     cfg, model, num_frames, cond, prompt, ext = setup(overrides)
     rng = jax.random.PRNGKey(42)

@@ -26,6 +26,7 @@ class TorchProcess:
         self.name = self.jax_process.name
         self.min_step_size = self.jax_process.min_step_size
         self.prediction = getattr(self.jax_process, "prediction", "velocity")
+        self.input_scale = cfg.input_scale
         if self.name == "ddpm_v":
             self.alphas_cumprod = torch.from_numpy(self.jax_process.alphas_cumprod)
 
@@ -67,6 +68,14 @@ class TorchProcess:
         scale = 1000.0 if self.name == "rectified_flow" else 1.0
         return torch.as_tensor(level, dtype=torch.float32) * scale
 
+    def network_input(self, x_t, level):
+        """`x_t`, or `x_t` times the clean frame's weight (`diffusion.input_scale="signal"`)."""
+        if self.input_scale == "unit":
+            return x_t
+        level = torch.as_tensor(level, dtype=torch.float32)
+        signal = 1.0 - level if self.name == "rectified_flow" else torch.sqrt(self.abar(level))
+        return x_t * _expand(signal, x_t)
+
 
 def context_frame(cfg, process: TorchProcess, x0, ctx_eps):
     """A finished frame as history: clean (labelled t_ctx) or noised to t_ctx with `ctx_eps`."""
@@ -92,7 +101,8 @@ def reference_sample(cfg, model, noise_tbhwc, ctx_eps_tbhwc=None, *, cond_bthwc=
     for i in range(num_frames):
         x = noise_tbhwc[i]
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
-            clip = torch.stack([*history, x], 1)
+            level_bt = torch.tensor([cfg.diffusion.ctx_level] * i + [float(t)]).expand(batch, i + 1)
+            clip = process.network_input(torch.stack([*history, x], 1), level_bt)
             time_bt = torch.tensor([ctx_time] * i + [float(process.model_time(float(t)))])
             step_bt = torch.tensor([process.min_step_size] * i + [float(d)])
             pred = model(
@@ -117,7 +127,8 @@ def flow_matching_loss(cfg, model, x0_bthwc, eps_bthwc, level_bt, *, cond_bthwc=
     process = TorchProcess(cfg.diffusion)
     x_t = process.add_noise(x0_bthwc, eps_bthwc, level_bt)
     step_bt = torch.full(level_bt.shape, process.min_step_size)
-    pred = model(x_t, process.model_time(level_bt), cond_bthwc=cond_bthwc,
+    pred = model(process.network_input(x_t, level_bt), process.model_time(level_bt),
+                 cond_bthwc=cond_bthwc,
                  step_size_bt=step_bt if cfg.model.use_step_size else None, prompt_bp=prompt_bp,
                  external_btx=external_btx)
     return torch.mean(torch.square(pred - process.target(x0_bthwc, eps_bthwc, level_bt)))

@@ -75,10 +75,12 @@ def make_stream_step(cfg, model: TorchDiT, *, steps: int | None = None, compile:
         step_b = lambda d: full(d) if m.use_step_size else None  # noqa: E731
         x = noise_bhwc
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
-            pred, _, _ = stream_pass(x, full(process.model_time(float(t))), k, v, valid,
+            pred, _, _ = stream_pass(process.network_input(x, float(t)),
+                                     full(process.model_time(float(t))), k, v, valid,
                                      step_size_b=step_b(d), **kwargs)
             x = process.denoise_step(x, pred, float(t), float(t_next))
         x_ctx = context_frame(cfg, process, x, ctx_eps_bhwc)
+        x_ctx = process.network_input(x_ctx, cfg.diffusion.ctx_level)
         _, k_new, v_new = stream_pass(x_ctx, full(ctx_time), k, v, valid,
                                       step_size_b=step_b(process.min_step_size), **kwargs)
         return write_cache(cfg, state, k_new, v_new), x
