@@ -198,3 +198,23 @@ def test_small_ddpm_schedule_follows_config():
     assert process.max_level == 49.0 and process.alphas_cumprod.shape == (50,)
     np.testing.assert_allclose(process.alphas_cumprod,
                                sigmoid_alphas_cumprod(50, -3.0, 3.0, 1.0), rtol=1e-6)
+
+
+def test_network_input_scales_by_the_clean_frames_weight():
+    """"signal": x_t times (1 - t) (rectified flow) or sqrt(abar) (DDPM); pure noise enters as
+    zeros; "unit" (the default) passes x_t unchanged."""
+    x = jax.random.normal(jax.random.key(7), (2, 3, 4, 4, 3))
+    level = jnp.asarray([[0.0, 0.25, 1.0], [0.5, 0.75, 0.1]])
+    rf = make_process(DiffusionConfig(input_scale="signal"))
+    np.testing.assert_allclose(rf.network_input(x, level),
+                               x * (1 - level)[..., None, None, None], rtol=1e-6)
+    assert float(jnp.abs(rf.network_input(x, level)[0, 2]).max()) == 0.0
+    np.testing.assert_array_equal(RF.network_input(x, level), x)
+    ddpm = make_process(DiffusionConfig(process="ddpm_v", ctx_level=14.0, shortcut=False,
+                                        input_scale="signal"))
+    steps = jnp.asarray([[0.0, 250.0, 999.0], [500.0, 10.0, -1.0]])
+    abar = np.asarray(ddpm.abar(steps))
+    np.testing.assert_allclose(ddpm.network_input(x, steps),
+                               x * np.sqrt(abar)[..., None, None, None], rtol=1e-6)
+    with pytest.raises(ValueError, match="diffusion.input_scale='snr'"):
+        DiffusionConfig(input_scale="snr")
