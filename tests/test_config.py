@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from configs import lsd_base, mid, oasis_500m, tiny
+from configs import demo, lsd_base, mid, oasis_500m, tiny, tiny_pixel
 from lsd_jax.config import (
     Config,
     ConfigError,
@@ -17,7 +17,8 @@ from lsd_jax.config import (
     to_dict,
 )
 
-CONFIG_MODULES = {"tiny": tiny, "mid": mid, "lsd_base": lsd_base, "oasis_500m": oasis_500m}
+CONFIG_MODULES = {"tiny": tiny, "mid": mid, "lsd_base": lsd_base, "oasis_500m": oasis_500m,
+                  "demo": demo, "tiny_pixel": tiny_pixel}
 
 
 def test_nested_overrides_set_the_field(tiny_cfg):

@@ -190,7 +190,9 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
     assert set(metrics) == {"psnr", "ssim", "flicker", "margin", "meets_floor"}
     assert 5 < metrics["psnr"] < 60
     sepia = payload[0]["tasks"]["sepia"]
-    assert metrics["margin"] == pytest.approx(metrics["psnr"] - max(sepia["baselines"].values()))
+    assert sepia["floor"] == pytest.approx(min(40.0, max(sepia["baselines"].values()) + 1))
+    assert metrics["margin"] == pytest.approx(metrics["psnr"] - sepia["floor"])
+    assert metrics["meets_floor"] == (metrics["margin"] >= 0)
     # A colour map is close to exact for sepia (a 3x3 matrix, clipped).
     assert sepia["baselines"]["affine"] > 30 > sepia["baselines"]["copy_input"]
     assert json.loads((tmp_path / "out" / "quality.json").read_text()) == payload

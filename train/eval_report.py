@@ -43,7 +43,7 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
                      f"by denoising steps; SSIM and flicker at {kk} steps")
         lines.append("")
         base = res.get("baseline_summary") is not None
-        extra = (f" | copy input | colour map | floor | margin@{kk} |" if base else " |")
+        extra = (f" | copy input | colour map | floor | vs floor@{kk} |" if base else " |")
         lines.append("| task | prompt | " + " | ".join(f"{k} steps" for k in ks)
                      + f" | SSIM@{kk} | flicker@{kk}" + extra)
         lines.append("|---|---|" + "---:|" * (len(ks) + 2 + 4 * base))
@@ -54,9 +54,8 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
             if base:
                 b = task["baselines"]
                 color = max(b[kind] for kind in COLOR_MAPS)
-                mark = "" if task["steps"][kk]["meets_floor"] else " (below floor)"
                 row += (f" {b['copy_input']:.2f} | {color:.2f} | {task['floor']:.2f} | "
-                        f"{task['steps'][kk]['margin']:+.2f}{mark} |")
+                        f"{task['steps'][kk]['margin']:+.2f} |")
             lines.append(row)
         s = res["summary"]
         blank = " | | |" + " | | | |" * base
@@ -69,8 +68,9 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
             bs = res["baseline_summary"]["per_frame_psnr"]
             lines.append(
                 f"Floors: copy input, and the best per-pixel colour map (affine or quadratic in "
-                f"RGB, least squares on validation clips); a task's floor is 1 dB above the best "
-                f"of them, at most 40 dB. Tasks at or above their floor at {kk} steps: "
+                f"RGB, least squares on validation clips; 100 dB means exact); a task's floor is "
+                f"1 dB above the best of them, at most 40 dB, and `vs floor` is the model's PSNR "
+                f"minus it (>= 0: met). Tasks at or above their floor at {kk} steps: "
                 f"{s[kk]['tasks_meeting_floor']} of {len(res['tasks'])}. Per-frame means of the "
                 f"baselines: copy input {bs['copy_input']:.2f} dB, affine {bs['affine']:.2f} dB, "
                 f"quadratic {bs['quadratic']:.2f} dB.")
