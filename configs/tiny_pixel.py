@@ -4,8 +4,7 @@ recipe chosen by the recipe search of EVAL.md (validation split, equal steps).
 Changes from `configs/demo.py` (the recipe of the shipped demo weights), each a config option:
 `model.pixel_channels=32` (3x3 convolutions at 64x64 around the DiT: stem on the input frame,
 modulated head adding a pixel-resolution correction), `diffusion.input_scale=signal` (the starting
-noise enters as zeros), `diffusion.level_shift=3` (more training at high noise, where the first of
-three steps starts), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide) trained on every
+noise enters as zeros), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide) trained on every
 phrasing of each task (`data.prompt_phrasings`), and seven more training photographs
 (`data.photographs=extended`).
 
@@ -33,7 +32,7 @@ def get_config() -> Config:
         base,
         name="tiny_pixel",
         model=dataclasses.replace(base.model, pixel_channels=32, prompt_dim=384),
-        diffusion=dataclasses.replace(base.diffusion, input_scale="signal", level_shift=3.0),
+        diffusion=dataclasses.replace(base.diffusion, input_scale="signal"),
         prompt=PromptConfig(encoder="minilm"),
         data=dataclasses.replace(base.data, photographs="extended", prompt_phrasings=True),
         train=dataclasses.replace(base.train, steps=20_000, warmup_steps=200, save_every=250,
