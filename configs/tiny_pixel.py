@@ -3,10 +3,10 @@ recipe chosen by the recipe search of EVAL.md (validation split, equal steps).
 
 Changes from `configs/demo.py` (the recipe of the shipped demo weights), each a config option:
 `model.pixel_channels=32` (3x3 convolutions at 64x64 around the DiT: stem on the input frame,
-modulated head adding a pixel-resolution correction), `diffusion.input_scale=signal` (the starting
-noise enters as zeros), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide) trained on every
-phrasing of each task (`data.prompt_phrasings`), and seven more training photographs
-(`data.photographs=extended`).
+modulated head adding a pixel-resolution correction), `diffusion.input_scale=signal` (the
+starting noise enters as zeros), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide)
+trained on every phrasing of each task (`data.prompt_phrasings`), and seven more training
+photographs (`data.photographs=extended`).
 
 Trained with both cores, resumable across sessions (constant learning rate after warm-up, so
 raising `train.steps` on `--resume` continues the same run):

@@ -62,6 +62,9 @@ class ModelConfig:
     pixel_channels: int = 0
     pixel_depth: int = 2
     pixel_residual: bool = False
+    # A per-frame colour map of the input frame added to the prediction, its coefficients made from
+    # the conditioning vector: "none", "affine" or "quadratic" in the input frame's channels.
+    color_map: str = "none"
     # Per-frame conditioning vector: noise level (always), step size, prompt, external vector.
     freq_embed_dim: int = 256
     use_step_size: bool = True
@@ -90,6 +93,10 @@ class ModelConfig:
             if not self.cond_channels:
                 raise ConfigError(f"model.pixel_channels={self.pixel_channels} needs an input "
                                   "frame: model.cond_channels=0")
+        _check_choice("model.color_map", self.color_map, ("none", "affine", "quadratic"))
+        if self.color_map != "none" and not self.cond_channels:
+            raise ConfigError(f"model.color_map={self.color_map!r} needs an input frame: "
+                              "model.cond_channels=0")
         if self.pixel_residual and (not self.pixel_channels
                                     or self.cond_channels != self.channels):
             raise ConfigError(f"model.pixel_residual=True needs model.pixel_channels > 0 (got "

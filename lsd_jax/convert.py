@@ -73,6 +73,8 @@ def _dit_modules(cfg: ModelConfig) -> Iterator[Module]:
             yield f"pixel.head.{i}", ("pixel", "head", i), "kernel2d", None
         yield "pixel.head_modulation", ("pixel", "head_modulation"), "linear", None
         yield "pixel.out", ("pixel", "out"), "kernel2d", None
+    if cfg.color_map != "none":
+        yield "color_map", ("color_map",), "linear", None
 
 
 def _vae_modules(cfg) -> Iterator[Module]:

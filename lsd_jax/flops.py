@@ -14,7 +14,9 @@ usual for model-FLOPs figures. Per frame and per pass, with `N` tokens per frame
 - the pixel path (`model.pixel_channels = F > 0`, `P = H W` pixels, `L = pixel_depth`), whose
   convolutions are matmuls too: stem `2 P 9 C_cond F + (L-1) 2 P 9 F F`, its patch embed
   `2 N p^2 F D`, head `2 P 9 (2F + C_cond + C) F + L 2 P 9 F F + 2 P F C` + modulation
-  `2 D 2F(L+1)`; the final layer then outputs `p^2 (C + F)` per token.
+  `2 D 2F(L+1)`; the final layer then outputs `p^2 (C + F)` per token;
+- the colour map (`model.color_map`, `K` features per pixel): coefficients `2 D C K`, applied
+  `2 P C K`.
 
 One streaming pass is one frame with `K = window` (the `window - 1` cached frames plus itself).
 A streamed frame costs `steps` denoising passes plus one pass that writes its K/V to the cache;
@@ -58,6 +60,12 @@ def dit_flops(cfg: ModelConfig, *, frames: int, keys_per_frame: int) -> dict[str
         "final_layer": (2 * d * 2 * d + 2 * n * d * p * p * (cfg.channels + cfg.pixel_channels))
         * frames,
     }
+    if cfg.color_map != "none":
+        from lsd_jax.model import num_color_features
+
+        k = num_color_features(cfg.cond_channels, cfg.color_map)
+        counts["color_map"] = (2 * d * cfg.channels * k
+                               + 2 * cfg.frame_height * cfg.frame_width * cfg.channels * k) * frames
     f, depth = cfg.pixel_channels, cfg.pixel_depth
     if f:
         pixels = cfg.frame_height * cfg.frame_width
@@ -86,7 +94,7 @@ def streamed_frame_flops(cfg: Config, steps: int | None = None) -> int:
     parts = dit_flops(cfg.model, frames=1, keys_per_frame=cfg.model.window)
     once = parts["prompt"] + parts.get("pixel_stem", 0) + parts.get("pixel_embed", 0)
     per_pass = parts["total"] - once
-    output = parts["final_layer"] + parts.get("pixel_head", 0)
+    output = parts["final_layer"] + parts.get("pixel_head", 0) + parts.get("color_map", 0)
     return steps * per_pass + (per_pass - output) + once
 
 

@@ -257,6 +257,24 @@ class PixelPath(nnx.Module):
         return out + cond_bthwc.astype(jnp.float32) if self.residual else out
 
 
+def color_features(cond_bthwc, kind: str):
+    """Per-pixel features of the input frame for `model.color_map`: `[..., C]` -> `[..., f]` with
+    the channels and a constant ("affine", f = C + 1), plus their squares and pairwise products
+    ("quadratic", f = 2C + C(C-1)/2 + 1)."""
+    x = cond_bthwc.astype(jnp.float32)
+    parts = [x]
+    if kind == "quadratic":
+        c = x.shape[-1]
+        parts.append(x * x)
+        parts.extend(x[..., i:i + 1] * x[..., j:j + 1] for i in range(c) for j in range(i + 1, c))
+    parts.append(jnp.ones_like(x[..., :1]))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def num_color_features(channels: int, kind: str) -> int:
+    return channels + 1 if kind == "affine" else 2 * channels + channels * (channels - 1) // 2 + 1
+
+
 class StreamContext(NamedTuple):
     """What one streamed frame's pass reads from the ring-buffer cache (never writes).
 
@@ -302,6 +320,11 @@ class DiT(nnx.Module):
                                       rngs=rngs) if cfg.external_cond_dim else None)
         self.blocks = _make_blocks(cfg, rngs)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
+        # A per-frame colour map of the input frame, its coefficients made from the conditioning
+        # vector (zero at initialisation): the function class of the per-pixel colour-map floor.
+        self.color_map = (_linear(cfg, d, cfg.channels * num_color_features(
+            cfg.cond_channels, cfg.color_map), ("embed", "pixel"), rngs=rngs, zero=True)
+            if cfg.color_map != "none" else None)
         self.spatial_freqs = RopeFreqs(jnp.asarray(rope.spatial_frequencies(cfg.head_dim)))
         self.temporal_freqs = RopeFreqs(jnp.asarray(rope.temporal_frequencies(cfg.head_dim)))
 
@@ -373,8 +396,16 @@ class DiT(nnx.Module):
         """The prediction `[b, t, h, w, C]` float32 from the last hidden states."""
         out_bthwf = self._unpatchify(self.final_layer(x_btnd, c_btd))
         if self.pixel is None:
-            return out_bthwf.astype(jnp.float32)
-        return self.pixel(out_bthwf, feats_bthwf, cond_bthwc, c_btd)
+            pred = out_bthwf.astype(jnp.float32)
+        else:
+            pred = self.pixel(out_bthwf, feats_bthwf, cond_bthwc, c_btd)
+        if self.color_map is not None:
+            b, t = c_btd.shape[:2]
+            feats_bthwk = color_features(cond_bthwc, self.cfg.color_map)
+            coef_btck = self.color_map(jax.nn.silu(c_btd)).astype(jnp.float32).reshape(
+                b, t, self.cfg.channels, feats_bthwk.shape[-1])
+            pred = pred + jnp.einsum("btck,bthwk->bthwc", coef_btck, feats_bthwk)
+        return pred
 
     # ------------------------------------------------------------------ blocks
 

@@ -43,7 +43,7 @@ def _forward(cfg, frames):
 
 @pytest.mark.parametrize("name,overrides", [
     ("tiny", ()), ("mid", ()), ("lsd_base", ()), ("oasis_500m", ()),
-    ("tiny", ("model.pixel_channels=8", "model.pixel_depth=3")),
+    ("tiny", ("model.pixel_channels=8", "model.pixel_depth=3", "model.color_map=affine")),
 ])
 def test_forward_matmul_flops_match_analytic(repo_root, name, overrides):
     # Two layers keep the compile short; FLOPs per layer do not depend on depth. A clip of exactly
@@ -59,6 +59,7 @@ def test_forward_matmul_flops_match_analytic(repo_root, name, overrides):
 
 @pytest.mark.parametrize("steps,overrides", [
     (1, ()), (3, ()), (3, ("model.pixel_channels=8", "model.pixel_depth=2")),
+    (3, ("model.color_map=quadratic",)),
 ])
 def test_streaming_step_matmul_flops_match_analytic(tiny_cfg, steps, overrides):
     """Also checks that the compiler computes the pixel stem once per frame (hoisted out of the

@@ -29,7 +29,7 @@ from torch import nn
 
 from lsd_jax import rope
 from lsd_jax.config import ModelConfig
-from lsd_jax.model import STEP_EMBED_SCALE
+from lsd_jax.model import STEP_EMBED_SCALE, num_color_features
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -155,6 +155,18 @@ class FinalLayer(nn.Module):
         return self.linear(x * (1 + scale) + shift)
 
 
+def color_features(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """`lsd_jax.model.color_features` in torch: channels (+ squares and pairwise products for
+    "quadratic") and a constant."""
+    parts = [x]
+    if kind == "quadratic":
+        c = x.shape[-1]
+        parts.append(x * x)
+        parts.extend(x[..., i:i + 1] * x[..., j:j + 1] for i in range(c) for j in range(i + 1, c))
+    parts.append(torch.ones_like(x[..., :1]))
+    return torch.cat(parts, -1)
+
+
 def _frames(conv: nn.Module, x_bthwc: torch.Tensor) -> torch.Tensor:
     """A Conv2d over NCHW applied to NHWC frames `[b, t, h, w, c]`."""
     b, t = x_bthwc.shape[:2]
@@ -237,6 +249,9 @@ class TorchDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
         self.pixel = PixelPath(cfg) if cfg.pixel_channels else None
+        self.color_map = (nn.Linear(d, cfg.channels * num_color_features(cfg.cond_channels,
+                                                                         cfg.color_map))
+                          if cfg.color_map != "none" else None)
         self.pixel_embedder = PatchEmbed(cfg, cfg.pixel_channels) if cfg.pixel_channels else None
         spatial_f = torch.from_numpy(rope.spatial_frequencies(cfg.head_dim))
         self.register_buffer("spatial_angles_ne", axial_angles(spatial_f, *cfg.grid)[:, None, :],
@@ -281,7 +296,12 @@ class TorchDiT(nn.Module):
         c = cfg.channels + cfg.pixel_channels
         x = out.reshape(b, t, gh, gw, p, p, c).permute(0, 1, 2, 4, 3, 5, 6)
         x = x.reshape(b, t, gh * p, gw * p, c)
-        return x.float() if self.pixel is None else self.pixel(x, feats, cond_bthwc, c_btd)
+        pred = x.float() if self.pixel is None else self.pixel(x, feats, cond_bthwc, c_btd)
+        if self.color_map is not None:
+            feats_k = color_features(cond_bthwc.float(), cfg.color_map)
+            coef = self.color_map(F.silu(c_btd)).float().unflatten(-1, (cfg.channels, -1))
+            pred = pred + torch.einsum("btck,bthwk->bthwc", coef, feats_k)
+        return pred
 
     # ------------------------------------------------------------------ entry points
 
