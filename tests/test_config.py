@@ -116,6 +116,7 @@ def test_divisibility_errors_name_both_values(tiny_cfg, item, values):
     ("codec=jpeg", ["codec='jpeg'", "'pixel'"]),
     ("model.pixel_residual=true", ["model.pixel_residual=True", "pixel_channels > 0 (got 0)"]),
     ("model.pixel_channels=-8", ["model.pixel_channels=-8", ">= 0"]),
+    ("model.color_map=cubic", ["model.color_map='cubic'", "'affine'", "'quadratic'"]),
 ])
 def test_bad_values_are_named(tiny_cfg, item, names):
     with pytest.raises(ConfigError) as err:
