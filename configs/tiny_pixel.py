@@ -3,7 +3,8 @@ recipe chosen by the recipe search of EVAL.md (validation split, equal steps).
 
 Changes from `configs/demo.py` (the recipe of the shipped demo weights), each a config option:
 `model.pixel_channels=32` (3x3 convolutions at 64x64 around the DiT: stem on the input frame,
-modulated head adding a pixel-resolution correction), `diffusion.input_scale=signal` (the
+modulated head adding a pixel-resolution correction), `model.color_map=quadratic` (a per-frame
+colour map of the input frame made from the prompt), `diffusion.input_scale=signal` (the
 starting noise enters as zeros), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide)
 trained on every phrasing of each task (`data.prompt_phrasings`), and seven more training
 photographs (`data.photographs=extended`).
@@ -31,7 +32,8 @@ def get_config() -> Config:
     return dataclasses.replace(
         base,
         name="tiny_pixel",
-        model=dataclasses.replace(base.model, pixel_channels=32, prompt_dim=384),
+        model=dataclasses.replace(base.model, pixel_channels=32, color_map="quadratic",
+                                  prompt_dim=384),
         diffusion=dataclasses.replace(base.diffusion, input_scale="signal"),
         prompt=PromptConfig(encoder="minilm"),
         data=dataclasses.replace(base.data, photographs="extended", prompt_phrasings=True),
