@@ -4,7 +4,8 @@ others.
 `progress_bar(description, total, start=0, enabled=True)` is a context manager yielding a
 `Tracker` with `advance(n=1, note=None)` and `update(completed, note=None)`. On a terminal it draws
 a rich bar (done/total, elapsed, ETA, the note, e.g. the loss); elsewhere (a log file, CI) it prints
-one plain line per 10% of the work with the rate, the ETA and the note, so logs show progress too.
+one plain line per 10% of the work, and at least one a minute, with the rate, the ETA and the
+note, so logs show progress too.
 Disabled, it does nothing.
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+
+# Off a terminal, a plain line at least this often (seconds), besides one per 10% of the work.
+PLAIN_INTERVAL_S = 60.0
 
 
 class Tracker:
@@ -23,7 +27,7 @@ class Tracker:
         self.description, self.total, self.start = description, total, start
         self.completed = start
         self._bar, self._task, self._plain = bar, task, plain
-        self._t0 = time.perf_counter()
+        self._t0 = self._last_line = time.perf_counter()
         self._step = max(1, (total - start) // 10)
         self._next_mark = start + self._step
         self.note = ""
@@ -37,8 +41,10 @@ class Tracker:
             self.note = note
         if self._bar is not None:
             self._bar.update(self._task, completed=completed, note=self.note)
-        elif self._plain and (completed >= self._next_mark or completed == self.total):
-            elapsed = time.perf_counter() - self._t0
+        elif self._plain and (completed >= self._next_mark or completed == self.total
+                              or time.perf_counter() - self._last_line >= PLAIN_INTERVAL_S):
+            self._last_line = time.perf_counter()
+            elapsed = self._last_line - self._t0
             done = completed - self.start
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = (self.total - completed) / rate if rate > 0 else 0.0

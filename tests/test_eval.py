@@ -259,3 +259,15 @@ def test_progress_without_a_terminal_prints_tenths(capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train")]
     assert len(lines) == 10 and lines[0].startswith("train: 310/400 (78%)")
     assert lines[-1].startswith("train: 400/400 (100%)") and lines[-1].endswith("loss 0.0025")
+
+
+def test_progress_without_a_terminal_prints_at_least_every_interval(capsys, monkeypatch):
+    """A long run's log is not silent between tenths: a line whenever the interval has passed."""
+    from lsd_jax import progress
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    with progress.progress_bar("train", 20_000) as tracker:
+        for step in range(1, 6):
+            tracker.update(step, f"loss {step}")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train")]
+    assert [line.split(" (")[0] for line in lines] == [f"train: {i}/20000" for i in range(1, 6)]
