@@ -102,14 +102,16 @@ class Engine:
         return min(fits)
 
 
-def trained_prompts(prompt_dim: int, tasks: str) -> tuple[str, ...]:
-    """The prompts `lsd train` gives a model with `model.prompt_dim` and `data.tasks` (those of
-    the tasks it selects in `train/tasks.py`); () when the model takes no prompt."""
+def trained_prompts(prompt_dim: int, tasks: str, phrasings: bool = False) -> tuple[str, ...]:
+    """The prompts `lsd train` gives a model with `model.prompt_dim`, `data.tasks` and
+    `data.prompt_phrasings` (those of the tasks it selects in `train/tasks.py`, with their other
+    phrasings when it trains on them); () when the model takes no prompt."""
     from train.tasks import select_tasks
 
     if prompt_dim == 0:
         return ()
-    return tuple(task.prompt for task in select_tasks(tasks))
+    return tuple(p for task in select_tasks(tasks)
+                 for p in (task.prompt, *(task.phrasings if phrasings else ())))
 
 
 def untrained_model(cfg: Config, seed: int = 0):
@@ -150,8 +152,8 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
                   _init_state=lambda batch, seed: jax.device_put(init_stream(cfg, batch, seed),
                                                                  device),
                   _step_for=step_for,
-                  trained_prompts=() if untrained else trained_prompts(cfg.model.prompt_dim,
-                                                                       cfg.data.tasks))
+                  trained_prompts=() if untrained else trained_prompts(
+                      cfg.model.prompt_dim, cfg.data.tasks, cfg.data.prompt_phrasings))
 
 
 def artifact_engine(path: str | Path) -> Engine:
@@ -162,8 +164,10 @@ def artifact_engine(path: str | Path) -> Engine:
     untrained = bool(art.header["untrained"])
     source = art.header["source"] or "unknown weights"
     config = art.header["config"]
+    data = config.get("data", {})
     known = () if untrained else trained_prompts(config["model"]["prompt_dim"],
-                                                 config.get("data", {}).get("tasks", "all"))
+                                                 data.get("tasks", "all"),
+                                                 data.get("prompt_phrasings", False))
     return Engine(frame_hw=art.frame_hw, steps=art.steps, batches=art.batches,
                   describe=f"artifact {path} ({source}; batches {list(art.batches)}, steps "
                            f"{list(art.steps)})",

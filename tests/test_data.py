@@ -194,3 +194,13 @@ def test_prompt_phrasings_vary_the_prompt_not_the_task():
     trained = {p for t in tasks.TASKS for p in (t.prompt, *t.phrasings)}
     assert trained.isdisjoint(p for ps in tasks.PARAPHRASES.values() for p in ps)
     assert set(tasks.PARAPHRASES) == set(tasks.TASK_NAMES)
+
+
+def test_trained_prompts_include_the_phrasings_a_model_trained_on():
+    from serve.engine import trained_prompts
+
+    plain = trained_prompts(64, "sepia,negative")
+    assert plain == ("an old sepia photograph", "a photographic negative")
+    varied = trained_prompts(384, "sepia,negative", phrasings=True)
+    assert len(varied) == 8 and varied[0] == plain[0] and "a film negative" in varied
+    assert trained_prompts(0, "all", phrasings=True) == ()
