@@ -20,8 +20,6 @@ generated history computes (see `reference_sample`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,14 +29,7 @@ from lsd_jax import rope
 from lsd_jax.config import Config
 from lsd_jax.diffusion import make_process
 from lsd_jax.model import StreamContext, _dtype
-
-
-class StreamState(NamedTuple):
-    cache_k: jnp.ndarray  # [layers, b, s, n, heads, head_dim], un-rotated keys
-    cache_v: jnp.ndarray  # [layers, b, s, n, heads, head_dim]
-    slot: jnp.ndarray  # int32 []: the ring slot the next frame is written to
-    num_valid: jnp.ndarray  # int32 [b]: how many of the newest slots hold this stream's history
-    rng: jnp.ndarray  # uint32 [2]
+from lsd_jax.stream_state import StreamState
 
 
 def cache_size(cfg: Config) -> int:

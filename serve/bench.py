@@ -134,10 +134,10 @@ def bench_long_stream(engine: Engine, *, frames: int = 10_000, steps: int | None
     steps = engine.max_steps if steps is None else steps
     pool = [f[None] for f in _frame_pool(engine, seed=seed)]
     state = engine.init_state(engine.pick_batch(1), seed)
-    pad = state[3].shape[0] - 1
+    pad = state.batch - 1
     pool = [np.concatenate([f] * (1 + pad)) for f in pool]
     prompt_bp = engine.encode_prompts(["a watercolor painting"] * (1 + pad))
-    copy = lambda s: tuple(jnp.array(a, copy=True) for a in s)  # noqa: E731 (the step donates)
+    copy = lambda s: jax.tree.map(lambda a: jnp.array(a, copy=True), s)  # noqa: E731 (the step donates)
     latencies_s = np.zeros(frames)
     early_from = 100 - window // 2
     rss, kept = {}, {}

@@ -8,27 +8,25 @@ untrained model.
 `engine.nearest_trained(prompt)` names the prompt the model was trained on (the tasks of
 `train/tasks.py` its config selects) that is nearest `prompt` under the model's encoder.
 
-The state is the 5-tuple `(cache_k, cache_v, slot, num_valid, rng)` of `StreamState` and is donated.
+The state is a `lsd_jax.stream_state.StreamState` (used by field name) and is donated.
 An artifact holds fixed (batch, steps) variants (`engine.batches`, `engine.steps`); a model built
 in process compiles any batch size on first use (`engine.batches` is None) and any step count up to
 its maximum.
 
-`canonical_rows`/`batch_rows` let a server keep each session's cache on its own and run the sessions
-that have a frame together: a session's cache is stored rolled so that its next write slot is 0,
-which makes every stored cache agree on `slot` and so stackable along the batch axis.
+A server keeps each session's cache on its own and runs the sessions that have a frame together
+through `lsd_jax.stream_state.stack_sessions` / `split_sessions`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lsd_jax.config import Config
+from lsd_jax.stream_state import StreamState
 
 
 @dataclass
@@ -54,8 +52,8 @@ class Engine:
     def max_steps(self) -> int:
         return max(self.steps)
 
-    def init_state(self, batch: int, seed: int = 0) -> tuple:
-        return tuple(self._init_state(batch, seed))
+    def init_state(self, batch: int, seed: int = 0) -> StreamState:
+        return self._init_state(batch, seed)
 
     def encode_prompts(self, prompts) -> np.ndarray | None:
         """float32 `[len(prompts), prompt_dim]`, or None when the model takes no prompt."""
@@ -87,9 +85,7 @@ class Engine:
             # A model with per-frame external inputs (Oasis actions) gets "no action" when streamed
             # from a camera or a file.
             external_bx = np.zeros((len(frames_bhwc), self.external_dim), np.float32)
-        fn = self._step_for(int(state[3].shape[0]), steps)
-        new_state, out_bhwc = fn(state, frames_bhwc, prompt_bp, external_bx)
-        return tuple(new_state), out_bhwc
+        return self._step_for(state.batch, steps)(state, frames_bhwc, prompt_bp, external_bx)
 
     def pick_batch(self, n: int) -> int:
         """The smallest batch size this engine runs that holds `n` streams."""
@@ -130,7 +126,7 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
 
     from lsd_jax.codec import make_codec
     from lsd_jax.prompt import make_prompt_encoder
-    from lsd_jax.streaming import StreamState, init_stream, make_step
+    from lsd_jax.streaming import init_stream, make_step
 
     graphdef, params = nnx.split(model)
     # Weights and state committed to one device, as the step's outputs are: the state a step
@@ -143,8 +139,8 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
     steps = {k: make_step(cfg, graphdef, steps=k) for k in range(1, max_steps + 1)}
 
     def step_for(batch, k):
-        return lambda state, frame, prompt, external: steps[k](params, StreamState(*state), frame,
-                                                              prompt, external)
+        return lambda state, frame, prompt, external: steps[k](params, state, frame, prompt,
+                                                              external)
 
     return Engine(frame_hw=make_codec(cfg).frame_hw, steps=tuple(steps), batches=None,
                   describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),
@@ -198,24 +194,3 @@ def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
     return model_engine(cfg, untrained_model(cfg, seed), untrained=True, max_steps=max_steps,
                         describe=f"UNTRAINED {cfg.name} model (random weights, seed {seed}): "
                                  "the output shows the pipeline running, not a style")
-
-
-# ----------------------------------------------------------------------------- session batching
-
-
-@jax.jit
-def batch_rows(cache_k_rows, cache_v_rows, num_valid_rows, rng):
-    """Stack per-session canonical caches `[layers, s, n, h, e]` into one state of `len(rows)`
-    streams whose next write slot is 0."""
-    return (jnp.stack(cache_k_rows, axis=1), jnp.stack(cache_v_rows, axis=1),
-            jnp.zeros((), jnp.int32), jnp.stack(num_valid_rows), rng)
-
-
-@partial(jax.jit, static_argnums=1)
-def canonical_rows(state, rows: int):
-    """Split the first `rows` streams of a state that was stepped from slot 0 back into canonical
-    per-session caches (rolled by one slot so the next write slot is 0 again)."""
-    cache_k, cache_v, _, num_valid, _ = state
-    roll = lambda c: jnp.roll(c, -1, axis=2)  # noqa: E731
-    cache_k, cache_v = roll(cache_k), roll(cache_v)
-    return [(cache_k[:, i], cache_v[:, i], num_valid[i]) for i in range(rows)]

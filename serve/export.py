@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsd_jax.config import CheckpointError, Config, to_dict
+from lsd_jax.stream_state import STATE_FIELDS, StreamState
 
 MAGIC = b"LSDX\r\n\x1a\n"
 FORMAT = "lsd-jax-step"
 VERSION = 1
-STATE_FIELDS = ("cache_k", "cache_v", "slot", "num_valid", "rng")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _PREFIX = len(MAGIC) + 8 + 32
 
@@ -89,19 +89,19 @@ def prompt_handling(cfg: Config) -> dict:
 
 def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
     """`make_step`'s jitted step wrapped to take and return flat arrays only."""
-    from lsd_jax.streaming import StreamState, make_step
+    from lsd_jax.streaming import make_step
 
     step = make_step(cfg, graphdef, steps=steps)
     has_prompt = cfg.model.prompt_dim > 0
     has_external = cfg.model.external_cond_dim > 0
 
-    def flat(params_list, cache_k, cache_v, slot, num_valid, rng, frame_bhwc, *extra):
+    def flat(params_list, *args):
         params = jax.tree.unflatten(params_treedef, params_list)
-        extra = list(extra)
+        state = StreamState(*args[:len(STATE_FIELDS)])
+        frame_bhwc, *extra = args[len(STATE_FIELDS):]
         prompt_bp = extra.pop(0) if has_prompt else None
         external_bx = extra.pop(0) if has_external else None
-        state, out_bhwc = step(params, StreamState(cache_k, cache_v, slot, num_valid, rng),
-                               frame_bhwc, prompt_bp, external_bx)
+        state, out_bhwc = step(params, state, frame_bhwc, prompt_bp, external_bx)
         return (*state, out_bhwc)
 
     return flat
@@ -217,12 +217,12 @@ class Artifact:
         except PromptError as err:
             raise ArtifactError(f"{str(self.path)!r}: {err}") from None
 
-    def init_state(self, batch: int, seed: int = 0) -> tuple:
-        """An empty stream state for `batch` streams: `(cache_k, cache_v, slot, num_valid, rng)`."""
+    def init_state(self, batch: int, seed: int = 0) -> StreamState:
+        """An empty stream state for `batch` streams."""
         shapes = self._inputs(batch)
         zeros = lambda n: jnp.zeros(shapes[n]["shape"], _dtype(shapes[n]["dtype"]))  # noqa: E731
-        return (zeros("cache_k"), zeros("cache_v"), zeros("slot"), zeros("num_valid"),
-                jax.random.PRNGKey(seed))
+        return StreamState(cache_k=zeros("cache_k"), cache_v=zeros("cache_v"), slot=zeros("slot"),
+                           num_valid=zeros("num_valid"), rng=jax.random.PRNGKey(seed))
 
     def _inputs(self, batch: int) -> dict:
         shapes = self.header["inputs_by_batch"].get(str(batch))
@@ -247,7 +247,7 @@ class Artifact:
             def run(state, frame_bhwc, prompt_bp=None, external_bx=None):
                 extra = [a for a in (prompt_bp, external_bx) if a is not None]
                 *new_state, out_bhwc = call(params_list, *state, frame_bhwc, *extra)
-                return tuple(new_state), out_bhwc
+                return StreamState(*new_state), out_bhwc
 
             self._compiled[key] = jax.jit(run, donate_argnums=0)
         return self._compiled[key]

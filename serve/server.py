@@ -11,7 +11,7 @@ wins: a frame arriving while another waits replaces it and is counted as dropped
 builds up). The loop takes every pending frame at once, groups the sessions by their requested step
 count, stacks each group's caches along the batch axis (padded to the smallest fixed batch size that
 holds it), runs the jitted step in a worker thread (the event loop keeps receiving meanwhile), and
-sends each session its output. A session's cache lives in the session (`engine.canonical_rows`), so
+sends each session its output. A session's cache lives in the session (a `SessionCache`), so
 it is freed with the session on disconnect; a prompt switch or a reset applies from the next frame
 the loop takes. With a deadline, the loop picks the most steps (up to the requested count) whose
 measured step time fits what is left of the oldest frame's deadline, else the fewest it has.
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 from aiohttp import WSMsgType, web
 from prometheus_client import (
@@ -44,7 +43,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from serve.engine import Engine, batch_rows, canonical_rows
+from lsd_jax.stream_state import SessionCache, empty_session, split_sessions, stack_sessions
+from serve.engine import Engine
 
 STATIC = Path(__file__).resolve().parent / "static"
 PROTOCOL_VERSION = 1
@@ -120,9 +120,7 @@ class Session:
     prompt: str
     prompt_vec: np.ndarray | None
     steps: int
-    cache_k: jnp.ndarray
-    cache_v: jnp.ndarray
-    num_valid: jnp.ndarray
+    cache: SessionCache
     pending: tuple | None = None  # (frame_hwc uint8 RGB, seq, arrival perf_counter)
     reset_requested: bool = False
     frames_in: int = 0
@@ -200,8 +198,8 @@ class FrameLoop:
         self.wake = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="lsd-step")
         state = engine.init_state(min(self.batches), options.seed)
-        self.rng = state[4]
-        self.empty_k, self.empty_v = state[0][:, 0], state[1][:, 0]
+        self.rng = state.rng
+        self.empty = empty_session(state)
         self.step_s: dict[tuple[int, int], float] = {}  # (batch, steps) -> EMA of step seconds
         self.compiled: set[tuple[int, int]] = set()
         self.sends: set[asyncio.Task] = set()
@@ -209,7 +207,7 @@ class FrameLoop:
 
     def new_session(self, session_id: int, ws, prompt: str) -> Session:
         session = Session(session_id, ws, prompt, self._prompt_vec(prompt), self.engine.max_steps,
-                          self.empty_k, self.empty_v, jnp.zeros((), jnp.int32))
+                          self.empty)
         self.sessions[session_id] = session
         self.metrics.sessions.set(len(self.sessions))
         return session
@@ -253,7 +251,7 @@ class FrameLoop:
             smaller = max([b for b in self.batches if b < batch], default=0)
             for real in range(smaller + 1, batch + 1):
                 for steps in self.engine.steps:
-                    rows = [(self.empty_k, self.empty_v, jnp.zeros((), jnp.int32))] * batch
+                    rows = [self.empty] * batch
                     prompt_bp = None if prompt is None else np.stack([prompt] * batch)
                     _, _, step_s = self._run_step(rows, np.stack([frame_hwc] * batch), prompt_bp,
                                                   steps, real)
@@ -300,7 +298,7 @@ class FrameLoop:
             taken = [s for s in self.sessions.values() if s.pending is not None]
             for session in taken:
                 if session.reset_requested:
-                    session.num_valid = jnp.zeros((), jnp.int32)
+                    session.cache = session.cache.reset()
                     session.reset_requested = False
             by_steps = itertools.groupby(sorted(taken, key=lambda s: s.steps),
                                          key=lambda s: s.steps)
@@ -324,8 +322,7 @@ class FrameLoop:
         batch = min(b for b in self.batches if b >= len(group))
         waited_s = time.perf_counter() - min(arrival for *_, arrival in jobs)
         steps = self.choose_steps(batch, requested, waited_s)
-        rows = [(s.cache_k, s.cache_v, s.num_valid) for s in group]
-        rows += [(self.empty_k, self.empty_v, jnp.zeros((), jnp.int32))] * (batch - len(group))
+        rows = [s.cache for s in group] + [self.empty] * (batch - len(group))
         frames_bhwc = np.stack([frame for _, frame, _, _ in jobs]
                                + [jobs[0][1]] * (batch - len(group)))
         prompt_bp = None
@@ -336,10 +333,10 @@ class FrameLoop:
             self.executor, self._run_step, rows, frames_bhwc, prompt_bp, steps, len(group))
         self._record(batch, steps, step_s)
         now = time.perf_counter()
-        for (session, _, seq, arrival), (k, v, n), jpeg in zip(jobs, new_rows, outs, strict=True):
+        for (session, _, seq, arrival), cache, jpeg in zip(jobs, new_rows, outs, strict=True):
             if not session.open:
                 continue
-            session.cache_k, session.cache_v, session.num_valid = k, v, n
+            session.cache = cache
             session.frames_out += 1
             self.frames_done += 1
             self.metrics.frames_out.inc()
@@ -371,12 +368,11 @@ class FrameLoop:
     def _run_step(self, rows, frames_bhwc, prompt_bp, steps: int, real: int):
         """In the worker thread: stack, step, split; returns (rows, JPEGs, step seconds)."""
         t0 = time.perf_counter()
-        ks, vs, ns = zip(*rows, strict=True)
-        state = batch_rows(list(ks), list(vs), list(ns), self.rng)
+        state = stack_sessions(list(rows), self.rng)
         state, out_bhwc = self.engine.step(state, frames_bhwc, prompt_bp, steps)
         out_bhwc = np.asarray(jax.block_until_ready(out_bhwc))
-        self.rng = state[4]
-        new_rows = canonical_rows(state, real)
+        self.rng = state.rng
+        new_rows = split_sessions(state, real)
         step_s = time.perf_counter() - t0
         return new_rows, [_jpeg(out_bhwc[i]) for i in range(real)], step_s
 

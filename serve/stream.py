@@ -122,7 +122,7 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
         raise StreamInputError(f"output {str(out)!r} cannot be written by OpenCV (expected a "
                                "writable .mp4 path)")
     state = engine.init_state(engine.pick_batch(1), seed)
-    pad = state[3].shape[0] - 1  # an artifact without batch 1 runs its smallest batch, padded
+    pad = state.batch - 1  # an artifact without batch 1 runs its smallest batch, padded
     latencies_s, first_frame_s, frames, interrupted = [], None, 0, False
     bar = Progress(console=Console(stderr=True), refresh_per_second=4, transient=True,
                    disable=not show_progress)

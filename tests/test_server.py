@@ -118,7 +118,7 @@ def test_one_session_equals_the_step_with_prompt_switch_and_reset(engine):
     state = engine.init_state(1, seed=5)
     for i, frame in enumerate(seen):
         if i == 9:
-            state = (*state[:3], state[3].at[0].set(0), state[4])
+            state = state._replace(num_valid=state.num_valid.at[0].set(0))
         prompt = "pencil sketch" if i < 5 else "thermal camera"
         state, ref = engine.step(state, frame[None], engine.encode_prompts([prompt]), 2)
         want, got = decode(_jpeg(np.asarray(ref[0]))), outs[i]
