@@ -78,13 +78,14 @@ def test_motion_trails_follows_its_recursion(np_rng):
     for i in range(1, 5):
         y = a * y + (1 - a) * f_thwc[i]
         expected.append(y)
-    out_thwc = tasks.motion_trails(clip_thwc)
+    trails = tasks.task_named("motion_trails")
+    out_thwc = trails.fn(clip_thwc)
     # float32 recursion vs float64: equal after rounding but for values on a .5 boundary.
     assert np.abs(out_thwc.astype(np.int16) - np.round(np.stack(expected))).max() <= 1
     # Temporal: a frame's target depends on the past input, not only on its own frame.
     changed = clip_thwc.copy()
     changed[0] = 255 - changed[0]
-    assert not np.array_equal(tasks.motion_trails(changed)[3], out_thwc[3])
+    assert not np.array_equal(trails.fn(changed)[3], out_thwc[3])
 
 
 def test_iterator_resumes_and_processes_split_rows(small_cfg):

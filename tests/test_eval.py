@@ -14,7 +14,7 @@ import pytest
 
 from lsd_jax.config import CheckpointError, ConfigError, load_config
 from train import evaluate
-from train.tasks import TASK_NAMES, motion_trails
+from train.tasks import TASK_NAMES
 
 
 def test_psnr_and_flicker_match_their_formulas():
@@ -55,18 +55,22 @@ def test_endless_path_is_periodic_smooth_and_heldout():
         evaluate.EndlessPath(cfg, period=4)
 
 
-def test_task_targets_frame_by_frame_equal_the_clip_tasks():
+def test_task_streams_frame_by_frame_equal_the_clip_tasks():
+    """A task streamed one frame at a time (as `lsd eval drift` scores a stream) equals its clip
+    form, the temporal task included."""
+    from train.tasks import TASKS, task_named
+
     cfg = load_config("configs/tiny.py")
     path = evaluate.EndlessPath(cfg, seed=1, period=50)
     clip = np.stack([path.frame(i) for i in range(12)])
-    trails = evaluate.TaskTarget("motion_trails")
-    np.testing.assert_array_equal(np.stack([trails(f) for f in clip]), motion_trails(clip))
-    sketch = evaluate.TaskTarget("pencil_sketch")
-    from train.tasks import TASKS
-
+    trails = task_named("motion_trails").stream()
+    np.testing.assert_array_equal(np.stack([trails(f) for f in clip]),
+                                  task_named("motion_trails").fn(clip))
+    assert np.abs(np.diff(clip.astype(int), axis=0)).mean() > 1  # the path moves
+    sketch = task_named("pencil_sketch").stream()
     np.testing.assert_array_equal(sketch(clip[3]), TASKS[0].fn(clip[3:4])[0])
     with pytest.raises(ConfigError, match="'oil'"):
-        evaluate.TaskTarget("oil")
+        task_named("oil")
 
 
 def test_validation_and_heldout_clips_are_not_training_clips():

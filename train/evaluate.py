@@ -363,29 +363,6 @@ class EndlessPath:
         return frame
 
 
-class TaskTarget:
-    """Targets of a task frame by frame: per-frame restyles directly, `motion_trails` by its
-    recursion carried from frame to frame (as `train.tasks.motion_trails` does over a clip)."""
-
-    def __init__(self, name: str):
-        from train.tasks import TASK_NAMES, TASKS
-
-        if name not in TASK_NAMES:
-            raise ConfigError(f"drift task {name!r}, expected one of {', '.join(TASK_NAMES)}")
-        self.task = TASKS[TASK_NAMES.index(name)]
-        self._trail = None
-
-    def __call__(self, frame_hwc: np.ndarray) -> np.ndarray:
-        from train.tasks import TRAIL_DECAY, trail_tint
-
-        if self.task.name != "motion_trails":
-            return self.task.fn(frame_hwc[None])[0]
-        f = trail_tint(frame_hwc)
-        self._trail = f if self._trail is None else TRAIL_DECAY * self._trail + (
-            1 - TRAIL_DECAY) * f
-        return np.round(self._trail).astype(np.uint8)
-
-
 def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str = "motion_trails",
                    period: int = 1000, seed: int = 0, progress: bool = True,
                    keep_frames: tuple[int, ...] = ()) -> dict:
@@ -402,10 +379,13 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
         raise ConfigError(f"drift frames={frames}, expected >= 2 * period ({2 * period}) so the "
                           "first and last periods do not overlap")
     path = EndlessPath(model.cfg, seed=seed, period=period)
-    target_of = TaskTarget(task)
+    from train.tasks import task_named
+
+    task_def = task_named(task)
+    target_of = task_def.stream()
     encoder = make_prompt_encoder(model.cfg)
     prompt_bp = None if encoder is None else np.asarray(
-        encoder.encode(target_of.task.prompt), np.float32)[None]
+        encoder.encode(task_def.prompt), np.float32)[None]
     step = make_step(model.cfg, model.graphdef, steps=steps)
     state = init_stream(model.cfg, 1, seed)
     psnr = np.empty(frames, np.float32)
@@ -436,7 +416,7 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
     timed = max(frames - 1, 1)
     first, last = float(psnr[:period].mean()), float(psnr[-period:].mean())
     return {"model": model.label, "spec": model.spec, "task": task, "prompt":
-            target_of.task.prompt, "frames": frames, "steps": steps, "period": period,
+            task_def.prompt, "frames": frames, "steps": steps, "period": period,
             "seed": seed, "first_mean": first, "last_mean": last, "delta_db": last - first,
             "same_input": frames % period == 0, "min": float(psnr.min()),
             "seconds": seconds, "ms_per_frame": 1000 * seconds / timed, "psnr": psnr,

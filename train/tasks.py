@@ -22,17 +22,36 @@ from lsd_jax.config import ConfigError
 
 
 class Task(NamedTuple):
-    """A restyle: `fn(clip_thwc uint8) -> clip_thwc uint8`, the prompt that names it, and other
-    phrasings of that prompt a model may be trained on (`data.prompt_phrasings`)."""
+    """A restyle defined once per frame: `step(frame_hwc uint8, carry) -> (out_hwc uint8, carry)`
+    (carry None on the first frame; only a temporal task keeps one), the prompt that names it,
+    and other phrasings of that prompt a model may be trained on (`data.prompt_phrasings`).
+    `fn(clip)` (training pairs) and `stream()` (one frame at a time, as a live stream is) are
+    both that step run over frames."""
 
     name: str
     prompt: str
-    fn: Callable[[np.ndarray], np.ndarray]
+    step: Callable[[np.ndarray, object], tuple[np.ndarray, object]]
     phrasings: tuple[str, ...] = ()
 
+    def fn(self, clip_thwc: np.ndarray) -> np.ndarray:
+        """The restyled clip, uint8 `[T, H, W, 3]`."""
+        stream = self.stream()
+        return np.stack([stream(frame_hwc) for frame_hwc in clip_thwc])
 
-def _per_frame(fn_hwc: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda clip_thwc: np.stack([fn_hwc(frame) for frame in clip_thwc])
+    def stream(self) -> Callable[[np.ndarray], np.ndarray]:
+        """A fresh stream of this task: call it on each frame in order."""
+        carry = None
+
+        def next_frame(frame_hwc: np.ndarray) -> np.ndarray:
+            nonlocal carry
+            out_hwc, carry = self.step(frame_hwc, carry)
+            return out_hwc
+
+        return next_frame
+
+
+def _per_frame(fn_hwc: Callable[[np.ndarray], np.ndarray]):
+    return lambda frame_hwc, carry: (fn_hwc(frame_hwc), None)
 
 
 def _pencil_sketch(rgb_hwc: np.ndarray) -> np.ndarray:
@@ -98,16 +117,13 @@ def trail_tint(frames: np.ndarray) -> np.ndarray:
     return np.clip(frames.astype(np.float32) * TRAIL_TINT, 0, 255)
 
 
-def motion_trails(clip_thwc: np.ndarray, decay: float = TRAIL_DECAY) -> np.ndarray:
-    """`y_0 = f(x_0)`, `y_i = decay * y_{i-1} + (1 - decay) * f(x_i)` with `f` a warm tint: moving
-    things leave fading trails behind them. In and out uint8 `[T, H, W, 3]`; the recursion runs in
-    float32 and each output frame is rounded once."""
-    f_thwc = trail_tint(clip_thwc)
-    out_thwc = np.empty_like(f_thwc)
-    out_thwc[0] = f_thwc[0]
-    for i in range(1, len(f_thwc)):
-        out_thwc[i] = decay * out_thwc[i - 1] + (1 - decay) * f_thwc[i]
-    return np.round(out_thwc).astype(np.uint8)
+def _motion_trails_step(frame_hwc: np.ndarray, trail):
+    """`y_0 = f(x_0)`, `y_i = decay * y_{i-1} + (1 - decay) * f(x_i)` with `f` a warm tint:
+    moving things leave fading trails behind them. The recursion is carried in float32 and each
+    output frame is rounded once."""
+    f_hwc = trail_tint(frame_hwc)
+    trail = f_hwc if trail is None else TRAIL_DECAY * trail + (1 - TRAIL_DECAY) * f_hwc
+    return np.round(trail).astype(np.uint8), trail
 
 
 TASKS: tuple[Task, ...] = (
@@ -129,7 +145,7 @@ TASKS: tuple[Task, ...] = (
          ("inverted colours", "a film negative", "the colours reversed")),
     Task("edge_glow", "glowing neon edges on a dark scene", _per_frame(_edge_glow),
          ("neon outlines in the dark", "glowing edge lines", "a dark scene traced in neon light")),
-    Task("motion_trails", "long exposure motion trails", motion_trails,
+    Task("motion_trails", "long exposure motion trails", _motion_trails_step,
          ("a long-exposure photograph", "moving things leave ghostly trails",
           "motion blur trails")),
 )
@@ -150,6 +166,13 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
 TASK_NAMES = tuple(task.name for task in TASKS)
 
 
+def task_named(name: str) -> Task:
+    """The task called `name` (one of `TASK_NAMES`)."""
+    if name not in TASK_NAMES:
+        raise ConfigError(f"task {name!r}, expected one of {', '.join(TASK_NAMES)}")
+    return TASKS[TASK_NAMES.index(name)]
+
+
 def select_tasks(spec: str) -> tuple[Task, ...]:
     """The tasks named in `spec`: "all", or comma-separated names from `TASK_NAMES`."""
     if spec.strip() == "all":
@@ -159,4 +182,4 @@ def select_tasks(spec: str) -> tuple[Task, ...]:
     if unknown or not names:
         raise ConfigError(f"data.tasks={spec!r}: unknown task(s) {unknown}, expected 'all' or "
                          f"comma-separated names from {', '.join(TASK_NAMES)}")
-    return tuple(TASKS[TASK_NAMES.index(n)] for n in names)
+    return tuple(task_named(n) for n in names)
