@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lsd_jax.args import int_in, int_list, step_count
 from lsd_jax.codec import CodecUnavailableError, FrameError
 from lsd_jax.config import CheckpointError, Config, ConfigError, load_config
 from lsd_jax.prompt import PromptError
@@ -181,31 +182,6 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an int in `[low, high]`, with an error naming the value otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low or (high is not None and value > high):
-            bound = f">= {low}" if high is None else f"in {low}..{high}"
-            raise argparse.ArgumentTypeError(f"{value} is not {bound}")
-        return value
-
-    return parse
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    """An argparse type: comma-separated positive ints, e.g. `512,1024,2048`."""
-    parse = _int_in(1)
-    sizes = tuple(parse(s.strip()) for s in text.split(",") if s.strip())
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no sizes, expected e.g. 512,1024")
-    return sizes
-
-
 def _add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int],
                  help: str) -> argparse.ArgumentParser:
     """A subcommand taking `--config` and trailing `key.path=value` overrides."""
@@ -231,15 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="benchmark", required=True, metavar="BENCHMARK")
     step = _add_command(bench, "step", _run_bench_step,
                         "latency, FPS and FLOP rate of the jitted streaming step")
-    step.add_argument("--steps", type=_int_in(1, 128), default=None,
+    step.add_argument("--steps", type=step_count, default=None,
                       help="denoising steps per frame (default: the config's)")
-    step.add_argument("--frames", type=_int_in(1), default=200, help="frames timed after warm-up")
-    step.add_argument("--batch", type=_int_in(1), default=1, help="concurrent streams")
-    step.add_argument("--warmup", type=_int_in(0), default=10,
+    step.add_argument("--frames", type=int_in(1), default=200, help="frames timed after warm-up")
+    step.add_argument("--batch", type=int_in(1), default=1, help="concurrent streams")
+    step.add_argument("--warmup", type=int_in(0), default=10,
                       help="untimed frames after compiling")
     step.add_argument("--prompt", default="a watercolor painting",
                       help="prompt (for configs with a prompt)")
-    step.add_argument("--peak-sizes", type=_sizes, default=(512, 1024, 2048),
+    step.add_argument("--peak-sizes", type=int_list(1), default=(512, 1024, 2048),
                       help="square float32 matmul sizes timed for the machine's peak "
                            "(default 512,1024,2048)")
     step.add_argument("--no-progress", action="store_true", help="no progress bar")

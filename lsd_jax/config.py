@@ -36,6 +36,8 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Denoising steps per frame: `diffusion.sample_steps` and the commands' `--steps`.
+MAX_SAMPLE_STEPS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,8 +219,9 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.prediction='x0' with diffusion.process="
                               f"{self.process!r}: x0 prediction is offered for rectified_flow")
         _check_choice("diffusion.shortcut_target", self.shortcut_target, ("online", "ema"))
-        if not 1 <= self.sample_steps <= 128:
-            raise ConfigError(f"diffusion.sample_steps={self.sample_steps}, expected 1..128")
+        if not 1 <= self.sample_steps <= MAX_SAMPLE_STEPS:
+            raise ConfigError(f"diffusion.sample_steps={self.sample_steps}, expected "
+                              f"1..{MAX_SAMPLE_STEPS}")
         if self.shortcut_max_steps < 1 or self.shortcut_max_steps & (self.shortcut_max_steps - 1):
             raise ConfigError(f"diffusion.shortcut_max_steps={self.shortcut_max_steps}, expected a "
                               "power of two")

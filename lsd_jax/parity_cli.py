@@ -201,7 +201,7 @@ def _run_oasis(args: argparse.Namespace) -> int:
 
 def register(commands, add_command, bench) -> None:
     """Add `convert oasis`, `parity`, `bench parity-speed` and `oasis` to the `lsd` parser."""
-    from lsd_jax.cli import _int_in
+    from lsd_jax.args import int_in, step_count
 
     convert = commands.add_parser("convert", help="convert weights from other frameworks")
     kinds = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -230,12 +230,12 @@ def register(commands, add_command, bench) -> None:
     speed = add_command(bench, "parity-speed", _run_bench_parity_speed,
                         "per-frame streaming latency: jitted JAX step vs the PyTorch reference "
                         "(eager and torch.compile), same weights and thread count")
-    speed.add_argument("--frames", type=_int_in(1), default=50, help="frames timed")
-    speed.add_argument("--warmup", type=_int_in(0), default=5, help="untimed frames first")
-    speed.add_argument("--batch", type=_int_in(1), default=1, help="concurrent streams")
-    speed.add_argument("--steps", type=_int_in(1, 128), default=None,
+    speed.add_argument("--frames", type=int_in(1), default=50, help="frames timed")
+    speed.add_argument("--warmup", type=int_in(0), default=5, help="untimed frames first")
+    speed.add_argument("--batch", type=int_in(1), default=1, help="concurrent streams")
+    speed.add_argument("--steps", type=step_count, default=None,
                        help="denoising steps per frame (default: the config's)")
-    speed.add_argument("--threads", type=_int_in(1), default=None,
+    speed.add_argument("--threads", type=int_in(1), default=None,
                        help="torch threads (default: all CPUs, as XLA uses)")
     speed.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     speed.add_argument("--sequential", action="store_true",
@@ -250,11 +250,11 @@ def register(commands, add_command, bench) -> None:
                     "streaming cache.")
     world.add_argument("--checkpoint", required=True, help="directory from lsd convert oasis")
     world.add_argument("--start", required=True, help="start frames: a video or an image")
-    world.add_argument("--start-frames", type=_int_in(1), default=1,
+    world.add_argument("--start-frames", type=int_in(1), default=1,
                        help="how many start frames to take (default 1)")
     world.add_argument("--actions", default=None,
                        help="actions file (.npy [T, 25], or .pt); default all zeros")
-    world.add_argument("--frames", type=_int_in(2), default=32,
+    world.add_argument("--frames", type=int_in(2), default=32,
                        help="total frames, start frames included (default 32)")
     world.add_argument("--mode", default="recompute",
                        help="recompute (exact Oasis, default) or banded-cache")

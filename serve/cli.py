@@ -20,23 +20,7 @@ import argparse
 import json
 import sys
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    """An argparse type: comma-separated positive ints (`1,2,4`), sorted and unique."""
-    try:
-        values = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}, expected comma-separated integers") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}, expected positive integers such as 1,2,4")
-    return tuple(values)
-
-
-def _steps(text: str) -> int:
-    """An argparse type: denoising steps per frame, 1..128."""
-    from lsd_jax.cli import _int_in
-
-    return _int_in(1, 128)(text)
+from lsd_jax.args import int_in, int_list, step_count, step_counts
 
 
 def _non_negative_float(text: str) -> float:
@@ -253,9 +237,9 @@ def register(commands, add_command, bench) -> None:
     export.add_argument("--out", required=True, help="artifact path (model.lsdx)")
     export.add_argument("--platforms", default="cpu,cuda,tpu",
                         help="platforms lowered for, together (default cpu,cuda,tpu)")
-    export.add_argument("--batch", type=_ints, default=(1,),
+    export.add_argument("--batch", type=int_list(1), default=(1,),
                         help="batch sizes (concurrent streams) exported, e.g. 1,2,4 (default 1)")
-    export.add_argument("--steps", type=_ints, default=None,
+    export.add_argument("--steps", type=step_counts, default=None,
                         help="denoising step counts exported, e.g. 1,2,3 (default 1..the "
                              "config's sample_steps)")
     export.add_argument("--json", action="store_true", help="print one JSON object")
@@ -271,8 +255,8 @@ def register(commands, add_command, bench) -> None:
                         help="prompt changes by frame, e.g. '0:pencil sketch,120:thermal'")
     stream.add_argument("--out", required=True, help="output video (.mp4)")
     stream.add_argument("--side-by-side", action="store_true", help="input beside output")
-    stream.add_argument("--steps", type=_steps, default=None, help="denoising steps per frame")
-    stream.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    stream.add_argument("--steps", type=step_count, default=None, help="denoising steps per frame")
+    stream.add_argument("--max-frames", type=int_in(1), default=None, help="stop after N frames")
     stream.add_argument("--no-progress", action="store_true", help="no progress bar")
     stream.add_argument("--json", action="store_true", help="print one JSON object")
     stream.set_defaults(run=_run_stream)
@@ -282,19 +266,19 @@ def register(commands, add_command, bench) -> None:
     _add_model_source(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; "
                                                            "0.0.0.0 exposes it to the network)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    serve.add_argument("--port", type=int_in(0, 65535), default=8765, help="port (default 8765)")
     serve.add_argument("--token", default=None,
                        help="access token clients must send (?token=...); default none")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="extra browser Origin allowed on the WebSocket (same origin always is)")
-    serve.add_argument("--max-sessions", type=int, default=4,
+    serve.add_argument("--max-sessions", type=int_in(1), default=4,
                        help="concurrent sessions (default 4)")
-    serve.add_argument("--max-message-bytes", type=int, default=1 << 20,
+    serve.add_argument("--max-message-bytes", type=int_in(1), default=1 << 20,
                        help="largest WebSocket message accepted (default 1 MiB)")
     serve.add_argument("--deadline-ms", type=float, default=None,
                        help="per-frame deadline: frames that cannot make it at the requested "
                             "steps are made with fewer")
-    serve.add_argument("--steps", type=_steps, default=None, help="maximum denoising steps")
+    serve.add_argument("--steps", type=step_count, default=None, help="maximum denoising steps")
     serve.add_argument("--prompt", default="a watercolor painting", help="initial prompt")
     serve.add_argument("--precompile", action="store_true",
                        help="compile every batch size and step count before accepting clients "
@@ -311,11 +295,14 @@ def register(commands, add_command, bench) -> None:
                                    description="clients on loopback, each sending its next frame "
                                                "when the last comes back")
     _add_model_source(bench_serve)
-    bench_serve.add_argument("--sessions", type=_ints, default=(1, 2, 4),
+    bench_serve.add_argument("--sessions", type=int_list(1), default=(1, 2, 4),
                              help="concurrent sessions, one run each (default 1,2,4)")
-    bench_serve.add_argument("--frames", type=int, default=200, help="timed frames per session")
-    bench_serve.add_argument("--warmup", type=int, default=10, help="untimed frames per session")
-    bench_serve.add_argument("--steps", type=_steps, default=None, help="denoising steps per frame")
+    bench_serve.add_argument("--frames", type=int_in(1), default=200,
+                             help="timed frames per session")
+    bench_serve.add_argument("--warmup", type=int_in(0), default=10,
+                             help="untimed frames per session")
+    bench_serve.add_argument("--steps", type=step_count, default=None,
+                             help="denoising steps per frame")
     bench_serve.add_argument("--json", action="store_true", help="print one JSON object")
     bench_serve.set_defaults(run=_run_bench_serve)
 
@@ -323,11 +310,12 @@ def register(commands, add_command, bench) -> None:
                                    description="stream N frames; compare the step latency and "
                                                "process memory near frame 100 and near frame N")
     _add_model_source(long_stream)
-    long_stream.add_argument("--frames", type=int, default=10_000, help="stream length")
-    long_stream.add_argument("--window", type=int, default=100,
+    long_stream.add_argument("--frames", type=int_in(1), default=10_000, help="stream length")
+    long_stream.add_argument("--window", type=int_in(1), default=100,
                              help="frames in each timed window (default 100)")
-    long_stream.add_argument("--reps", type=int, default=200,
+    long_stream.add_argument("--reps", type=int_in(1), default=200,
                              help="interleaved steps from each kept state (default 200)")
-    long_stream.add_argument("--steps", type=_steps, default=None, help="denoising steps per frame")
+    long_stream.add_argument("--steps", type=step_count, default=None,
+                             help="denoising steps per frame")
     long_stream.add_argument("--json", action="store_true", help="print one JSON object")
     long_stream.set_defaults(run=_run_bench_long_stream)

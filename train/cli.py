@@ -19,26 +19,7 @@ import os
 import signal
 import sys
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}, expected comma-separated integers such as "
-                                         "1,2,3,4,8,12") from None
-    if not values or min(values) < 1 or max(values) > 128:
-        raise argparse.ArgumentTypeError(f"{text!r}, expected step counts in 1..128")
-    return values
+from lsd_jax.args import int_in, step_counts
 
 
 def register(commands, add_command, bench) -> None:
@@ -47,8 +28,9 @@ def register(commands, add_command, bench) -> None:
     _register_eval(commands)
     bench_train = add_command(bench, "train", _run_bench_train,
                               "frames/s and FLOP utilisation of the sharded train step")
-    bench_train.add_argument("--steps", type=_positive_int, default=20, help="timed steps")
-    bench_train.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    bench_train.add_argument("--steps", type=int_in(1), default=20, help="timed steps")
+    bench_train.add_argument("--warmup", type=int_in(0), default=3,
+                             help="untimed steps after compiling")
     bench_train.add_argument("--json", action="store_true", help="print one JSON object")
     parser = add_command(commands, "train", _run_train,
                          "train a config (grain data, sharded step, orbax checkpoints)")
@@ -62,12 +44,12 @@ def register(commands, add_command, bench) -> None:
                              "command both starts and continues a run)")
     parser.add_argument("--aot-only", action="store_true",
                         help="lower and compile the step, report per-device memory, do not run")
-    parser.add_argument("--devices", type=_positive_int, default=None,
+    parser.add_argument("--devices", type=int_in(1), default=None,
                         help="simulate this many CPU devices")
     parser.add_argument("--coordinator", default=None, help="jax.distributed coordinator "
                                                             "HOST:PORT")
-    parser.add_argument("--num-processes", type=_positive_int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--num-processes", type=int_in(1), default=None)
+    parser.add_argument("--process-id", type=int_in(0), default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -183,12 +165,12 @@ def _register_eval(commands) -> None:
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]SPEC",
                         help="model: 'demo' (built in, the default), a model directory, a "
                              "training work directory, or WORKDIR@STEP; repeat to compare")
-    parser.add_argument("--steps", type=_int_list, default=None,
+    parser.add_argument("--steps", type=step_counts, default=None,
                         help="denoising steps: a list for quality (default 1,2,3,4,8,12), one "
                              "count for drift (default 3)")
-    parser.add_argument("--clips", type=_positive_int, default=4,
+    parser.add_argument("--clips", type=int_in(1), default=4,
                         help="held-out clips per task (quality)")
-    parser.add_argument("--frames", type=_positive_int, default=None,
+    parser.add_argument("--frames", type=int_in(1), default=None,
                         help="frames per clip (quality, default 24) or in the stream (drift, "
                              "default 3000)")
     parser.add_argument("--tasks", default="all", help="tasks (quality): all or names")
@@ -199,7 +181,7 @@ def _register_eval(commands) -> None:
     parser.add_argument("--task", default="motion_trails",
                         help="task of the drift stream (default motion_trails, the task that "
                              "depends on the model's own past outputs)")
-    parser.add_argument("--period", type=_positive_int, default=1000,
+    parser.add_argument("--period", type=int_in(1), default=1000,
                         help="period of the drift camera path, frames (first/last windows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,

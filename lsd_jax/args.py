@@ -1,0 +1,58 @@
+"""Argument types shared by the `lsd` commands: argparse `type=` callables.
+
+    parser.add_argument("--frames", type=int_in(1))            # an int >= 1
+    parser.add_argument("--port", type=int_in(0, 65535))       # an int in 0..65535
+    parser.add_argument("--steps", type=step_count)            # denoising steps per frame
+    parser.add_argument("--batch", type=int_list(1))           # "4,1,2" -> (1, 2, 4)
+
+A bad value is argparse's one-line error naming the argument, the value and what is expected, e.g.
+`lsd stream: error: argument --max-frames: 0 is not >= 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from lsd_jax.config import MAX_SAMPLE_STEPS
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in `[low, high]` (`high=None`: no upper bound), with an error
+    naming the value and the range expected otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"{value} is not {bound}")
+        return value
+
+    return parse
+
+
+def int_list(low: int = 1, high: int | None = None) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated ints, each in `[low, high]`, returned sorted and unique
+    (`"4,1,2,1"` -> `(1, 2, 4)`)."""
+    parse_one = int_in(low, high)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [s.strip() for s in text.split(",") if s.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{text!r} holds no integers, expected "
+                                             "comma-separated integers such as 1,2,4")
+        try:
+            values = {parse_one(s) for s in parts}
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+        return tuple(sorted(values))
+
+    return parse
+
+
+# Denoising steps per frame, the range `diffusion.sample_steps` takes.
+step_count = int_in(1, MAX_SAMPLE_STEPS)
+step_counts = int_list(1, MAX_SAMPLE_STEPS)
