@@ -2,7 +2,8 @@
 
     DIR/config.json   the full config tree (`lsd_jax.config.to_dict`), a format version and the
                       prompt encoder the model was trained with (`prompt_encoder`: its name,
-                      identity and width, `lsd_jax.prompt.encoder_record`)
+                      identity and width, `lsd_jax.prompt.encoder_record`) and the prompts
+                      it was trained on (`trained_prompts`; serving offers and compares them)
     DIR/params/       an orbax checkpoint of `nnx.state(model, nnx.Param)`
 
 This is what `lsd convert`, `lsd export`, `lsd stream`, `lsd serve` and `lsd eval` read, and what
@@ -48,8 +49,10 @@ FORMAT = "lsd-jax-model"
 VERSION = 1
 
 
-def save_model(directory: str | Path, cfg: Config, model: DiT) -> Path:
-    """Write `cfg` and the model's trained parameters to `directory` (created; must not exist)."""
+def save_model(directory: str | Path, cfg: Config, model: DiT, *,
+               trained_prompts: tuple[str, ...] = ()) -> Path:
+    """Write `cfg` and the model's trained parameters to `directory` (created; must not exist),
+    with the prompts it was trained on (`trained_prompts`, empty when none or unknown)."""
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"checkpoint directory {str(directory)!r} exists and is not empty")
@@ -58,8 +61,23 @@ def save_model(directory: str | Path, cfg: Config, model: DiT) -> Path:
         ckptr.save(directory / "params", nnx.state(model, nnx.Param))
     (directory / "config.json").write_text(json.dumps(
         {"format": FORMAT, "version": VERSION, "config": to_dict(cfg),
-         "prompt_encoder": encoder_record(cfg)}, indent=2))
+         "prompt_encoder": encoder_record(cfg), "trained_prompts": list(trained_prompts)},
+        indent=2))
     return directory
+
+
+def load_trained_prompts(directory: str | Path) -> tuple[str, ...]:
+    """The prompts the checkpoint's model was trained on, as recorded by `save_model`; () for a
+    checkpoint that records none."""
+    meta_path = Path(directory) / "config.json"
+    try:
+        prompts = json.loads(meta_path.read_text()).get("trained_prompts", [])
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{str(meta_path)!r} cannot be read: {_first_line(err)}") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise CheckpointError(f"{str(meta_path)!r}: trained_prompts={prompts!r}, expected a list "
+                              "of strings")
+    return tuple(prompts)
 
 
 def load_config_from(directory: str | Path, overrides=()) -> Config:

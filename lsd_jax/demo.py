@@ -1,7 +1,8 @@
 """The built-in demo model: the tiny config trained by `lsd train --config configs/demo.py`
 (see `lsd_jax/demo_model/TRAINING.md` for the exact command, time and figures).
 
-`lsd stream`, `lsd serve`, `lsd export` and `lsd eval` use it when no checkpoint is given.
+`lsd stream`, `lsd serve`, `lsd export` and `lsd eval` use it when no checkpoint is given
+(`lsd_jax.resolve.resolve_model`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,3 @@ def demo_model_dir() -> Path:
         raise CheckpointError(f"the built-in demo model is missing from {str(DEMO_MODEL_DIR)!r} "
                               "(a damaged install?); reinstall lsd-jax or pass --checkpoint DIR")
     return DEMO_MODEL_DIR
-
-
-def load_demo_model(overrides=()):
-    """`(cfg, model)` of the built-in demo model."""
-    from lsd_jax.checkpoint import load_model
-
-    return load_model(demo_model_dir(), overrides)

@@ -78,25 +78,14 @@ def _run_export(args) -> int:
     import time
 
     from lsd_jax.cli import config_from_args
-    from serve.engine import untrained_model
+    from lsd_jax.resolve import resolve_model
     from serve.export import load_artifact, save_artifact
 
-    if args.checkpoint is not None:
-        from lsd_jax.checkpoint import load_model
-
-        cfg, model = load_model(args.checkpoint)
-        source, untrained = f"checkpoint {args.checkpoint}", False
-    elif args.config is None:
-        from lsd_jax.demo import demo_model_dir, load_demo_model
-
-        cfg, model = load_demo_model()
-        source, untrained = f"built-in demo model {demo_model_dir()}", False
+    cfg = None if args.checkpoint is not None or args.config is None else config_from_args(args)
+    resolved = resolve_model(args.checkpoint, cfg=cfg, seed=args.seed)
+    cfg, model, source, untrained = resolved[:4]
+    if args.checkpoint is None:
         _say(f"lsd export: no --checkpoint, exporting the {source}")
-    else:
-        cfg = config_from_args(args)
-        model = untrained_model(cfg, args.seed)
-        source, untrained = f"UNTRAINED {cfg.name} model (random weights, seed {args.seed})", True
-        _say(f"lsd export: no --checkpoint, exporting an {source}")
     from flax import nnx
 
     graphdef, params = nnx.split(model)
@@ -104,7 +93,7 @@ def _run_export(args) -> int:
     t0 = time.perf_counter()
     path = save_artifact(args.out, cfg, graphdef, params, batches=args.batch, steps=steps,
                          platforms=tuple(args.platforms.split(",")), untrained=untrained,
-                         source=source)
+                         source=source, trained_prompts=resolved.trained_prompts)
     export_s = time.perf_counter() - t0
     art = load_artifact(path)  # read back: the file on disk is verified before we say it is good
     result = {"out": str(path), "bytes": os.path.getsize(path), "export_s": export_s,

@@ -5,8 +5,8 @@ untrained model.
     state = engine.init_state(batch)
     state, out_bhwc_uint8 = engine.step(state, frames_bhwc_uint8, prompt_bp, steps)
 
-`engine.nearest_trained(prompt)` names the prompt the model was trained on (the tasks of
-`train/tasks.py` its config selects) that is nearest `prompt` under the model's encoder.
+`engine.nearest_trained(prompt)` names the prompt the model was trained on (as recorded with its
+weights by the trainer) that is nearest `prompt` under the model's encoder.
 
 The state is a `lsd_jax.stream_state.StreamState` (used by field name) and is donated.
 An artifact holds fixed (batch, steps) variants (`engine.batches`, `engine.steps`); a model built
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from lsd_jax.config import Config
+from lsd_jax.resolve import resolve_model
 from lsd_jax.stream_state import StreamState
 
 
@@ -98,30 +99,10 @@ class Engine:
         return min(fits)
 
 
-def trained_prompts(prompt_dim: int, tasks: str, phrasings: bool = False) -> tuple[str, ...]:
-    """The prompts `lsd train` gives a model with `model.prompt_dim`, `data.tasks` and
-    `data.prompt_phrasings` (those of the tasks it selects in `train/tasks.py`, with their other
-    phrasings when it trains on them); () when the model takes no prompt."""
-    from train.tasks import select_tasks
-
-    if prompt_dim == 0:
-        return ()
-    return tuple(p for task in select_tasks(tasks)
-                 for p in (task.prompt, *(task.phrasings if phrasings else ())))
-
-
-def untrained_model(cfg: Config, seed: int = 0):
-    """Random weights (`randomize`: the adaLN-Zero init would make the model the identity)."""
-    from flax import nnx
-
-    from lsd_jax.model import DiT, randomize
-
-    return randomize(DiT(cfg.model, rngs=nnx.Rngs(seed)), seed=seed)
-
-
 def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
-                 max_steps: int | None = None) -> Engine:
-    """An engine running `make_step` in process: any batch size, steps 1..`max_steps`."""
+                 max_steps: int | None = None, trained_prompts: tuple[str, ...] = ()) -> Engine:
+    """An engine running `make_step` in process: any batch size, steps 1..`max_steps`;
+    `trained_prompts` as recorded with the weights (`lsd_jax.checkpoint.load_trained_prompts`)."""
     from flax import nnx
 
     from lsd_jax.codec import make_codec
@@ -147,9 +128,7 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
                   external_dim=cfg.model.external_cond_dim,
                   _init_state=lambda batch, seed: jax.device_put(init_stream(cfg, batch, seed),
                                                                  device),
-                  _step_for=step_for,
-                  trained_prompts=() if untrained else trained_prompts(
-                      cfg.model.prompt_dim, cfg.data.tasks, cfg.data.prompt_phrasings))
+                  _step_for=step_for, trained_prompts=() if untrained else tuple(trained_prompts))
 
 
 def artifact_engine(path: str | Path) -> Engine:
@@ -159,11 +138,7 @@ def artifact_engine(path: str | Path) -> Engine:
     art = load_artifact(path)
     untrained = bool(art.header["untrained"])
     source = art.header["source"] or "unknown weights"
-    config = art.header["config"]
-    data = config.get("data", {})
-    known = () if untrained else trained_prompts(config["model"]["prompt_dim"],
-                                                 data.get("tasks", "all"),
-                                                 data.get("prompt_phrasings", False))
+    known = () if untrained else art.trained_prompts
     return Engine(frame_hw=art.frame_hw, steps=art.steps, batches=art.batches,
                   describe=f"artifact {path} ({source}; batches {list(art.batches)}, steps "
                            f"{list(art.steps)})",
@@ -175,22 +150,11 @@ def artifact_engine(path: str | Path) -> Engine:
 
 def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
                 cfg: Config | None = None, max_steps: int | None = None, seed: int = 0) -> Engine:
-    """The engine a command asked for: `artifact`, else `checkpoint`, else an untrained model of
-    `cfg` (`describe` and `untrained` say so), else the built-in demo model."""
+    """The engine a command asked for: `artifact`, else the model `lsd_jax.resolve.resolve_model`
+    finds (`checkpoint`, else an untrained model of `cfg`, else the built-in demo model)."""
     if artifact is not None:
         return artifact_engine(artifact)
-    if checkpoint is not None:
-        from lsd_jax.checkpoint import load_model
-
-        ckpt_cfg, model = load_model(checkpoint)
-        return model_engine(ckpt_cfg, model, describe=f"checkpoint {checkpoint}",
-                            untrained=False, max_steps=max_steps)
-    if cfg is None:
-        from lsd_jax.demo import demo_model_dir, load_demo_model
-
-        demo_cfg, model = load_demo_model()
-        return model_engine(demo_cfg, model, describe=f"built-in demo model {demo_model_dir()}",
-                            untrained=False, max_steps=max_steps)
-    return model_engine(cfg, untrained_model(cfg, seed), untrained=True, max_steps=max_steps,
-                        describe=f"UNTRAINED {cfg.name} model (random weights, seed {seed}): "
-                                 "the output shows the pipeline running, not a style")
+    resolved = resolve_model(checkpoint, cfg=cfg, seed=seed)
+    return model_engine(resolved.cfg, resolved.model, describe=resolved.describe,
+                        untrained=resolved.untrained, max_steps=max_steps,
+                        trained_prompts=resolved.trained_prompts)

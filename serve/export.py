@@ -108,9 +108,11 @@ def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
 
 
 def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1,), steps=(3,),
-                  platforms=("cpu",), untrained: bool = False, source: str = "") -> Path:
+                  platforms=("cpu",), untrained: bool = False, source: str = "",
+                  trained_prompts: tuple[str, ...] = ()) -> Path:
     """Export the streaming step of `(graphdef, params)` for every batch size in `batches` and step
     count in `steps`, lowered for `platforms` together, with the weights, into one file at `path`.
+    `trained_prompts` are those recorded with the weights (`lsd_jax.checkpoint`).
 
     `params` is the full `nnx.State` of the model (`nnx.split(model)[1]`). Returns the path.
     """
@@ -162,6 +164,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
         "config": to_dict(cfg),
         "source": source,
         "untrained": untrained,
+        "trained_prompts": list(trained_prompts),
         "platforms": list(platforms),
         "batches": sorted(int(b) for b in batches),
         "steps": sorted(int(k) for k in steps),
@@ -204,6 +207,11 @@ class Artifact:
     @property
     def steps(self) -> tuple[int, ...]:
         return tuple(self.header["steps"])
+
+    @property
+    def trained_prompts(self) -> tuple[str, ...]:
+        """The prompts the weights were trained on (() when the artifact records none)."""
+        return tuple(self.header.get("trained_prompts", ()))
 
     def prompt_encoder(self):
         """The host-side prompt encoder the header names, or None when the model takes none;
@@ -297,6 +305,9 @@ def _check_header(path: Path, header: dict) -> None:
     for name in ("source", "jax_version"):
         _field(path, header, name, str)
     _field(path, header, "untrained", bool)
+    if "trained_prompts" in header:
+        _field(path, header, "trained_prompts", list,
+               check=lambda v: all(isinstance(p, str) for p in v), expected="a list of strings")
     _field(path, header, "frame_shape", list, check=lambda v: _int_list(v, 3) and min(v) > 0,
            expected="[height, width, channels], positive integers")
     batches = _field(path, header, "batches", list, **positive_ints)

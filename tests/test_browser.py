@@ -24,7 +24,8 @@ import aiohttp
 import pytest
 
 from lsd_jax.config import load_config
-from serve.engine import model_engine, untrained_model
+from lsd_jax.resolve import untrained_model
+from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -198,7 +198,7 @@ def test_prompt_phrasings_vary_the_prompt_not_the_task():
 
 
 def test_trained_prompts_include_the_phrasings_a_model_trained_on():
-    from serve.engine import trained_prompts
+    from train.tasks import trained_prompts
 
     plain = trained_prompts(64, "sepia,negative")
     assert plain == ("an old sepia photograph", "a photographic negative")

@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from lsd_jax.config import load_config
+from lsd_jax.resolve import untrained_model
 from lsd_jax.streaming import init_stream, make_step
-from serve.engine import untrained_model
 from serve.export import MAGIC, ArtifactError, load_artifact, save_artifact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

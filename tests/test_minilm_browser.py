@@ -18,7 +18,8 @@ from test_browser import CHROMIUM_FLAGS, DevTools, chromium_path, devtools_port
 
 from lsd_jax.config import load_config
 from lsd_jax.prompt import HashedPromptEncoder
-from serve.engine import model_engine, untrained_model
+from lsd_jax.resolve import untrained_model
+from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions
 from train.tasks import TASKS
 

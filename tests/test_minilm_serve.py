@@ -14,8 +14,9 @@ import pytest
 from lsd_jax.cli import main
 from lsd_jax.config import load_config
 from lsd_jax.prompt import HashedPromptEncoder
+from lsd_jax.resolve import untrained_model
 from serve.cli import _note_untrained_prompts
-from serve.engine import model_engine, untrained_model
+from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions
 from train.tasks import TASKS
 
@@ -32,7 +33,8 @@ def engines():
     on every task of `train/tasks.py` (so its trained prompts are known), once as untrained."""
     cfg = load_config(CONFIGS / "tiny.py", SMALL)
     model = untrained_model(cfg, seed=3)
-    return (model_engine(cfg, model, describe="test model", untrained=False),
+    return (model_engine(cfg, model, describe="test model", untrained=False,
+                         trained_prompts=tuple(KNOWN)),
             model_engine(cfg, model, describe="test model", untrained=True))
 
 

@@ -203,7 +203,7 @@ def test_stream_damaged_inputs(tmp_path, capfd):
 
     from lsd_jax.checkpoint import save_model
     from lsd_jax.config import load_config
-    from serve.engine import untrained_model
+    from lsd_jax.resolve import untrained_model
 
     cfg = load_config("configs/tiny.py", SMALL)
     model_dir = save_model(tmp_path / "model", cfg, untrained_model(cfg))

@@ -72,6 +72,25 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+def test_trained_model_records_its_prompts_and_serving_reads_them(uninterrupted):
+    """The model `lsd train` writes records the prompts it was trained on; the engine built from
+    it (and from its export) knows them, and serving never imports the trainer."""
+    from train.tasks import TASKS
+
+    saved = json.loads((uninterrupted / "model" / "config.json").read_text())
+    assert saved["trained_prompts"] == [t.prompt for t in TASKS]
+    script = f"""
+import sys
+from serve.engine import load_engine
+engine = load_engine(checkpoint={str(uninterrupted)!r})
+print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["trained"],
+      sorted(m for m in sys.modules if m == "train" or m.startswith("train.")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    assert out == [str(len(TASKS)), "True", "[]"], out
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(uninterrupted, repo_root):
     root = uninterrupted.parent

@@ -61,10 +61,10 @@ def resolve_model(spec: str) -> EvalModel:
     if not path_spec:
         raise CheckpointError(f"model spec {spec!r} names no model, expected 'demo', a model "
                               "directory, a training work directory or WORKDIR@STEP")
-    if path_spec == "demo":
-        from lsd_jax.demo import load_demo_model
+    from lsd_jax.resolve import resolve_model
 
-        cfg, model = load_demo_model()
+    if path_spec == "demo":
+        cfg, model = resolve_model()[:2]
     elif "@" in path_spec:
         workdir, _, step_text = path_spec.rpartition("@")
         try:
@@ -74,14 +74,10 @@ def resolve_model(spec: str) -> EvalModel:
                                   "(expected WORKDIR@STEP)") from None
         cfg, model = load_training_step(Path(workdir), step)
     else:
-        from lsd_jax.checkpoint import load_model
-
-        path = Path(path_spec)
-        if not path.exists():
-            raise CheckpointError(f"model spec {spec!r}: {str(path)!r} does not exist")
-        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-            path = path / "model"
-        cfg, model = load_model(path)
+        try:
+            cfg, model = resolve_model(path_spec)[:2]
+        except CheckpointError as err:
+            raise CheckpointError(f"model spec {spec!r}: {err}") from None
     graphdef, state = nnx.split(model)
     return EvalModel(label or path_spec, path_spec, cfg, graphdef, state)
 

@@ -183,3 +183,14 @@ def select_tasks(spec: str) -> tuple[Task, ...]:
         raise ConfigError(f"data.tasks={spec!r}: unknown task(s) {unknown}, expected 'all' or "
                          f"comma-separated names from {', '.join(TASK_NAMES)}")
     return tuple(task_named(n) for n in names)
+
+
+def trained_prompts(prompt_dim: int, tasks: str, phrasings: bool = False) -> tuple[str, ...]:
+    """The prompts `lsd train` gives a model with `model.prompt_dim`, `data.tasks` and
+    `data.prompt_phrasings` (those of the tasks it selects, with their other phrasings when it
+    trains on them); () when the model takes no prompt. The trainer records them in the model's
+    checkpoint (and `lsd export` in the artifact), so serving knows them without the trainer."""
+    if prompt_dim == 0:
+        return ()
+    return tuple(p for task in select_tasks(tasks)
+                 for p in (task.prompt, *(task.phrasings if phrasings else ())))

@@ -40,7 +40,7 @@ from lsd_jax.checkpoint import save_model
 from lsd_jax.config import CheckpointError, Config, ConfigError
 from lsd_jax.diffusion import make_process
 from lsd_jax.model import DiT, abstract_model, model_from_params
-from train import sharding
+from train import sharding, tasks
 
 # ----------------------------------------------------------------------------- optimiser
 
@@ -350,7 +350,9 @@ def export_model(workdir: Path, cfg: Config, ema: dict) -> Path:
         if jax.process_index() == 0 and path.exists():
             shutil.rmtree(path)
     _sync("export-clean")
-    save_model(tmp, cfg, model_from_params(cfg.model, ema))
+    save_model(tmp, cfg, model_from_params(cfg.model, ema),
+               trained_prompts=tasks.trained_prompts(cfg.model.prompt_dim, cfg.data.tasks,
+                                                     cfg.data.prompt_phrasings))
     _sync("export-written")
     if jax.process_index() == 0:
         if final.exists():
