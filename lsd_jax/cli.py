@@ -30,13 +30,14 @@ from lsd_jax.args import int_in, int_list, step_count
 from lsd_jax.codec import CodecUnavailableError, FrameError
 from lsd_jax.config import CheckpointError, Config, ConfigError, load_config
 from lsd_jax.prompt import PromptError
+from lsd_jax.video import VideoWriteError
 
 COMMAND_MODULES = ("lsd_jax.parity_cli", "train.cli", "serve.cli")
 
 # Errors caused by what the user asked for, reported as one line; anything else is a bug and keeps
 # its traceback.
 USER_ERRORS = (ConfigError, CheckpointError, FrameError, PromptError, CodecUnavailableError,
-               FileNotFoundError)
+               FileNotFoundError, VideoWriteError)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -203,12 +203,9 @@ def generate(cfg: Config, model, codec, start_frames_thwc: np.ndarray, actions_t
 
 def write_video(path: str | Path, frames_thwc: np.ndarray, fps: float = 20.0) -> None:
     """uint8 RGB `[T, H, W, 3]` to a video file (mp4v)."""
-    import cv2
+    from lsd_jax.video import Mp4Writer
 
-    t, h, w, _ = frames_thwc.shape
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if not writer.isOpened():
-        raise FileNotFoundError(2, "Cannot open video for writing", str(path))
-    for frame in frames_thwc:
-        writer.write(np.ascontiguousarray(frame[..., ::-1]))
-    writer.release()
+    _, h, w, _ = frames_thwc.shape
+    with Mp4Writer(path, fps, (w, h)) as video:
+        for frame in frames_thwc:
+            video.write(frame)

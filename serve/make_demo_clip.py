@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lsd_jax.video import Mp4Writer
+
 OUT = Path(__file__).resolve().parent / "assets" / "demo.mp4"
 WIDTH, HEIGHT, FPS, FRAMES_PER_PHOTO, FADE = 192, 144, 24, 48, 8
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -63,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where to write it (default: the packaged {OUT.name}, replaced)")
     out = parser.parse_args(argv).out
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (WIDTH, HEIGHT))
-    for frame in demo_frames():
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
+    with Mp4Writer(out, FPS, (WIDTH, HEIGHT)) as video:
+        for frame in demo_frames():
+            video.write(frame)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return 0
 

@@ -22,6 +22,7 @@ from rich.progress import Progress
 
 from lsd_jax.codec import resize_and_crop
 from lsd_jax.config import ConfigError
+from lsd_jax.video import Mp4Writer, VideoWriteError
 
 
 class StreamInputError(ConfigError):
@@ -117,10 +118,12 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
     height, width = engine.frame_hw
     out.parent.mkdir(parents=True, exist_ok=True)
     out_w = 2 * width if side_by_side else width
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (out_w, height))
-    if not writer.isOpened():
+    try:
+        video = Mp4Writer(out, fps, (out_w, height))
+    except VideoWriteError:
+        capture.release()
         raise StreamInputError(f"output {str(out)!r} cannot be written by OpenCV (expected a "
-                               "writable .mp4 path)")
+                               "writable .mp4 path)") from None
     state = engine.init_state(engine.pick_batch(1), seed)
     pad = state.batch - 1  # an artifact without batch 1 runs its smallest batch, padded
     latencies_s, first_frame_s, frames, interrupted = [], None, 0, False
@@ -147,7 +150,7 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
                 else:
                     latencies_s.append(elapsed)
                 shown = np.concatenate([frame_hwc, out_hwc], axis=1) if side_by_side else out_hwc
-                writer.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+                video.write(shown)
                 frames += 1
                 bar.update(task, advance=1)
     except KeyboardInterrupt:
@@ -155,9 +158,7 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
     finally:
         wall_s = time.perf_counter() - start
         capture.release()
-        writer.release()
-        if frames == 0:
-            out.unlink(missing_ok=True)  # an empty video is no output
+        video.close()  # with no frame written it removes the output: an empty video is no output
     if frames == 0:
         raise StreamInputError(f"input {name!r} gave no frames (no output written)")
     warning = None

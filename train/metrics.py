@@ -18,12 +18,12 @@ import functools
 import json
 from pathlib import Path
 
-import cv2
 import jax
 import numpy as np
 
 from lsd_jax.config import Config
 from lsd_jax.progress import progress_bar
+from lsd_jax.video import Mp4Writer
 
 SAMPLE_FPS = 8
 
@@ -98,11 +98,10 @@ class Metrics:
         panel_thwc = np.concatenate([cond_thwc, out_thwc, target_thwc], axis=2)
         path = self.workdir / "samples" / f"step_{step:07d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        t, h, w = panel_thwc.shape[:3]
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), SAMPLE_FPS, (w, h))
-        for frame in panel_thwc:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
+        h, w = panel_thwc.shape[1:3]
+        with Mp4Writer(path, SAMPLE_FPS, (w, h)) as video:
+            for frame in panel_thwc:
+                video.write(frame)
         strip_hwc = np.concatenate(list(panel_thwc), axis=0)
         self._writer.add_image("sample/input|output|target", strip_hwc, step, dataformats="HWC")
         if self.history:
