@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.fft
 
+from lsd_jax import history_aug as aug
 from lsd_jax import objectives as obj
 from lsd_jax.config import Config, DiffusionConfig, HistoryAugConfig, ModelConfig
 from lsd_jax.diffusion import make_process
@@ -22,16 +23,16 @@ RF = make_process(RF_CFG)
 DDPM_CFG = DiffusionConfig(process="ddpm_v", ctx_level=14.0, shortcut=False)
 DDPM = make_process(DDPM_CFG)
 NO_AUG = HistoryAugConfig(enabled=False)
-ONLY = {kind: HistoryAugConfig(prob=1.0, **{k: k == kind for k in obj.CORRUPTIONS})
+ONLY = {kind: HistoryAugConfig(prob=1.0, **{k: k == kind for k in aug.CORRUPTIONS})
         for kind in ("noise", "self_prediction")}
 
 
 # Whole functions under jit: eager dispatch would compile every primitive separately.
-augment = jax.jit(obj.augment_history, static_argnums=2)
-sample_corruption = jax.jit(obj.sample_corruption, static_argnums=(1, 2))
-gaussian_blur = jax.jit(obj.gaussian_blur, static_argnums=2)
-jpeg_quantise = jax.jit(obj.jpeg_quantise)
-spatial_shift = jax.jit(obj.spatial_shift, static_argnums=2)
+augment = jax.jit(aug.augment_history, static_argnums=2)
+sample_corruption = jax.jit(aug.sample_corruption, static_argnums=(1, 2))
+gaussian_blur = jax.jit(aug.gaussian_blur, static_argnums=2)
+jpeg_quantise = jax.jit(aug.jpeg_quantise)
+spatial_shift = jax.jit(aug.spatial_shift, static_argnums=2)
 
 
 def key(seed):
@@ -203,7 +204,7 @@ def test_color_shift():
     offset = jax.random.uniform(key(13), (2, 3, C), minval=-0.2, maxval=0.2)
     expected = (np.asarray(x) * np.asarray(gain)[:, :, None, None, :]
                 + np.asarray(offset)[:, :, None, None, :])
-    np.testing.assert_allclose(obj.color_shift(x, gain, offset), expected, atol=1e-6)
+    np.testing.assert_allclose(aug.color_shift(x, gain, offset), expected, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- history augmentation
@@ -213,12 +214,12 @@ def test_corruption_draws_respect_config():
     cfg = HistoryAugConfig(prob=0.6, jpeg=False, self_prediction=False)
     corr = sample_corruption(key(14), (256, 8, 8, 8, C), cfg)
     kind_bt = np.asarray(corr.kind_bt)
-    assert np.all(kind_bt[:, -1] == obj.UNTOUCHED)  # the last frame is never history
+    assert np.all(kind_bt[:, -1] == aug.UNTOUCHED)  # the last frame is never history
     history = kind_bt[:, :-1]
-    assert abs(np.mean(history != obj.UNTOUCHED) - 0.6) < 0.03
+    assert abs(np.mean(history != aug.UNTOUCHED) - 0.6) < 0.03
     # Disabled kinds are never drawn, every enabled one is.
-    used = set(np.unique(history)) - {obj.UNTOUCHED}
-    assert used == {obj.CORRUPTIONS.index(k) for k in ("blur", "color", "shift", "noise")}
+    used = set(np.unique(history)) - {aug.UNTOUCHED}
+    assert used == {aug.CORRUPTIONS.index(k) for k in ("blur", "color", "shift", "noise")}
     # Strengths within the configured maxima, and actually spread up to them.
     sigma = np.asarray(corr.blur_sigma_bt)
     assert sigma.min() >= 0 and sigma.max() <= cfg.blur_max_sigma
@@ -243,7 +244,7 @@ def test_each_kind_changes_only_history_frames():
     corr = sample_corruption(rng, shape, cfg)
     expected = {
         "blur": gaussian_blur(x, corr.blur_sigma_bt, 5),
-        "color": obj.color_shift(x, corr.color_gain_btc, corr.color_offset_btc),
+        "color": aug.color_shift(x, corr.color_gain_btc, corr.color_offset_btc),
         "jpeg": jpeg_quantise(x, corr.jpeg_step_bt),
         "shift": spatial_shift(x, corr.shift_bt2, 2),
         "noise": x + corr.noise_std_bt[..., None, None, None] * corr.noise_bthwc,
@@ -251,10 +252,10 @@ def test_each_kind_changes_only_history_frames():
     }
     kind_bt = np.asarray(corr.kind_bt)
     np.testing.assert_array_equal(out[:, -1], x[:, -1])
-    assert np.all(kind_bt[:, -1] == obj.UNTOUCHED)
+    assert np.all(kind_bt[:, -1] == aug.UNTOUCHED)
     changed_bt = np.any(out != np.asarray(x), axis=(-3, -2, -1))
     for kind, frames in expected.items():
-        sel = kind_bt == obj.CORRUPTIONS.index(kind)
+        sel = kind_bt == aug.CORRUPTIONS.index(kind)
         assert sel.any(), kind
         np.testing.assert_allclose(out[sel], np.asarray(frames)[sel], atol=1e-6, err_msg=kind)
         if kind == "blur":  # below ~0.2 px every off-centre tap underflows: the identity
@@ -265,9 +266,9 @@ def test_each_kind_changes_only_history_frames():
 def test_augmentation_off_is_identity():
     x = _frames(19)
     for cfg in (NO_AUG, HistoryAugConfig(prob=0.0),
-                HistoryAugConfig(prob=1.0, **{k: False for k in obj.CORRUPTIONS})):
-        assert obj.enabled_corruptions(cfg) == ()
-        np.testing.assert_array_equal(obj.augment_history(key(20), x, cfg), x)
+                HistoryAugConfig(prob=1.0, **{k: False for k in aug.CORRUPTIONS})):
+        assert aug.enabled_corruptions(cfg) == ()
+        np.testing.assert_array_equal(aug.augment_history(key(20), x, cfg), x)
 
 
 def test_self_prediction_needs_predictions():
