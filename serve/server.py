@@ -45,6 +45,7 @@ from prometheus_client import (
 
 from lsd_jax.stream_state import SessionCache, empty_session, split_sessions, stack_sessions
 from serve.engine import Engine
+from serve.scheduler import StepScheduler
 
 STATIC = Path(__file__).resolve().parent / "static"
 PROTOCOL_VERSION = 1
@@ -200,8 +201,7 @@ class FrameLoop:
         state = engine.init_state(min(self.batches), options.seed)
         self.rng = state.rng
         self.empty = empty_session(state)
-        self.step_s: dict[tuple[int, int], float] = {}  # (batch, steps) -> EMA of step seconds
-        self.compiled: set[tuple[int, int]] = set()
+        self.scheduler = StepScheduler(self.batches, engine.steps, options.deadline_ms)
         self.sends: set[asyncio.Task] = set()
         self.frames_done = 0
 
@@ -247,42 +247,15 @@ class FrameLoop:
         rng, count = self.rng, 0
         frame_hwc = np.zeros((*self.engine.frame_hw, 3), np.uint8)
         prompt = self._prompt_vec(self.options.default_prompt)
-        for batch in self.batches:
-            smaller = max([b for b in self.batches if b < batch], default=0)
-            for real in range(smaller + 1, batch + 1):
-                for steps in self.engine.steps:
-                    rows = [self.empty] * batch
-                    prompt_bp = None if prompt is None else np.stack([prompt] * batch)
-                    _, _, step_s = self._run_step(rows, np.stack([frame_hwc] * batch), prompt_bp,
-                                                  steps, real)
-                    self._record(batch, steps, step_s)
-                    count += 1
+        for batch, real, steps in self.scheduler.precompile_plan():
+            rows = [self.empty] * batch
+            prompt_bp = None if prompt is None else np.stack([prompt] * batch)
+            _, _, step_s = self._run_step(rows, np.stack([frame_hwc] * batch), prompt_bp, steps,
+                                          real)
+            self._record(batch, steps, step_s)
+            count += 1
         self.rng = rng
         return count
-
-    # ------------------------------------------------------------------------- adaptive steps
-
-    def _estimate_s(self, batch: int, steps: int) -> float | None:
-        """Measured step time, or one scaled from another step count (cost ~ steps + 1 passes)."""
-        if (batch, steps) in self.step_s:
-            return self.step_s[(batch, steps)]
-        known = [(k, s) for (b, k), s in self.step_s.items() if b == batch]
-        if not known:
-            return None
-        k, s = max(known)
-        return s * (steps + 1) / (k + 1)
-
-    def choose_steps(self, batch: int, requested: int, waited_s: float) -> int:
-        """The most steps <= `requested` whose estimated time fits the deadline left."""
-        if self.options.deadline_ms is None:
-            return requested
-        left_s = self.options.deadline_ms / 1e3 - waited_s
-        choices = [k for k in self.engine.steps if k <= requested]
-        for k in sorted(choices, reverse=True):
-            estimate = self._estimate_s(batch, k)
-            if estimate is None or estimate <= left_s:
-                return k
-        return min(choices)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -300,28 +273,22 @@ class FrameLoop:
                 if session.reset_requested:
                     session.cache = session.cache.reset()
                     session.reset_requested = False
-            by_steps = itertools.groupby(sorted(taken, key=lambda s: s.steps),
-                                         key=lambda s: s.steps)
-            for requested, group in by_steps:
-                group = list(group)
-                largest = max(self.batches)
-                for start in range(0, len(group), largest):
-                    chunk = group[start : start + largest]
-                    try:
-                        await self._step_group(loop, chunk, requested)
-                    except Exception as err:  # a failed step must not end the loop for everyone
-                        logging.getLogger("lsd.serve").exception("step failed")
-                        for session in chunk:
-                            self._spawn(session.send(_error(
-                                "internal", f"the step failed on this frame: {err}")))
+            for requested, chunk in self.scheduler.groups(taken, steps_of=lambda s: s.steps):
+                try:
+                    await self._step_group(loop, chunk, requested)
+                except Exception as err:  # a failed step must not end the loop for everyone
+                    logging.getLogger("lsd.serve").exception("step failed")
+                    for session in chunk:
+                        self._spawn(session.send(_error(
+                            "internal", f"the step failed on this frame: {err}")))
 
     async def _step_group(self, loop, group: list[Session], requested: int) -> None:
         jobs = [(s, *s.pending) for s in group]
         for s in group:
             s.pending = None
-        batch = min(b for b in self.batches if b >= len(group))
+        batch = self.scheduler.batch_for(len(group))
         waited_s = time.perf_counter() - min(arrival for *_, arrival in jobs)
-        steps = self.choose_steps(batch, requested, waited_s)
+        steps = self.scheduler.choose_steps(batch, requested, waited_s)
         rows = [s.cache for s in group] + [self.empty] * (batch - len(group))
         frames_bhwc = np.stack([frame for _, frame, _, _ in jobs]
                                + [jobs[0][1]] * (batch - len(group)))
@@ -359,11 +326,7 @@ class FrameLoop:
 
     def _record(self, batch: int, steps: int, step_s: float) -> None:
         self.metrics.step_seconds.labels(str(batch), str(steps)).observe(step_s)
-        if (batch, steps) not in self.compiled:
-            self.compiled.add((batch, steps))  # its time includes the compile: not an estimate
-            return
-        old = self.step_s.get((batch, steps))
-        self.step_s[(batch, steps)] = step_s if old is None else 0.8 * old + 0.2 * step_s
+        self.scheduler.record(batch, steps, step_s)
 
     def _run_step(self, rows, frames_bhwc, prompt_bp, steps: int, real: int):
         """In the worker thread: stack, step, split; returns (rows, JPEGs, step seconds)."""
