@@ -22,6 +22,16 @@ import numpy as np
 
 from lsd_jax.config import DiffusionConfig
 
+# Oasis clamps the starting noise of every sampled frame to +-20: a no-op in practice (float32
+# standard normal draws stay far inside), kept so our samplers and Oasis's agree bit for bit.
+INITIAL_NOISE_CLAMP = 20.0
+
+
+def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The noise a sampled frame starts from: float32 standard normal, clamped as Oasis does."""
+    return jnp.clip(jax.random.normal(key, shape, jnp.float32), -INITIAL_NOISE_CLAMP,
+                    INITIAL_NOISE_CLAMP)
+
 
 def _expand(level: jax.Array, x: jax.Array) -> jax.Array:
     """Level shaped like the leading dims of `x` -> broadcastable over its trailing [H, W, C]."""

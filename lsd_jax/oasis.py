@@ -33,7 +33,7 @@ from flax import nnx
 
 from lsd_jax.codec import FrameError, resize_and_crop
 from lsd_jax.config import Config, ConfigError
-from lsd_jax.diffusion import make_process
+from lsd_jax.diffusion import initial_noise, make_process
 
 MODES = ("recompute", "banded-cache")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -130,7 +130,7 @@ def sample_recompute(cfg: Config, model, start_bthwc, actions_btx, num_frames: i
     ctx_time = float(process.model_time(cfg.diffusion.ctx_level))
     for i in range(prompt, num_frames):
         rng, k_noise, k_ctx = jax.random.split(rng, 3)
-        x = jnp.clip(jax.random.normal(k_noise, start_bthwc[:, 0].shape, jnp.float32), -20, 20)
+        x = initial_noise(k_noise, start_bthwc[:, 0].shape)
         start = max(0, i + 1 - window)
         history = frames[start:i]
         for t, t_next in zip(levels[:-1], levels[1:], strict=True):

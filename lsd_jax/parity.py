@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from lsd_jax.config import Config
+from lsd_jax.diffusion import initial_noise
 
 TOLERANCES = {"forward": 1e-5, "trajectory": 1e-4, "loss": 1e-5, "streaming": 1e-5}
 
@@ -124,8 +125,7 @@ def frame_noise(rng, batch: int, frame_shape, frames: int):
     noise, ctx_eps = [], []
     for _ in range(frames):
         rng, k_noise, k_ctx = jax.random.split(rng, 3)
-        noise.append(jnp.clip(jax.random.normal(k_noise, (batch, *frame_shape), jnp.float32),
-                              -20.0, 20.0))
+        noise.append(initial_noise(k_noise, (batch, *frame_shape)))
         ctx_eps.append(jax.random.normal(k_ctx, (batch, *frame_shape), jnp.float32))
     return np.asarray(jnp.stack(noise)), np.asarray(jnp.stack(ctx_eps))
 

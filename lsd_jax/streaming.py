@@ -27,7 +27,7 @@ from flax import nnx
 
 from lsd_jax import rope
 from lsd_jax.config import Config
-from lsd_jax.diffusion import make_process
+from lsd_jax.diffusion import initial_noise, make_process
 from lsd_jax.model import StreamContext, _dtype
 from lsd_jax.stream_state import StreamState
 
@@ -86,11 +86,6 @@ def _schedule(cfg: Config, steps: int | None):
     return process, np.asarray(levels, np.float32), np.asarray(step_sizes, np.float32)
 
 
-def _initial_noise(key, shape):
-    # Oasis clamps its starting noise to +-20; a no-op in practice, kept so both agree bit for bit.
-    return jnp.clip(jax.random.normal(key, shape, jnp.float32), -20.0, 20.0)
-
-
 def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False):
     """The pure (un-jitted) step in model space.
 
@@ -119,7 +114,7 @@ def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll:
                                            step_size_b=step_b(d), **kwargs)
             return process.denoise_step(x_bhwc, pred, t, t_next), None
 
-        x_bhwc = _initial_noise(k_noise, (batch, *m.frame_shape))
+        x_bhwc = initial_noise(k_noise, (batch, *m.frame_shape))
         x0_bhwc, _ = jax.lax.scan(denoise, x_bhwc, (levels[:-1], levels[1:], step_sizes),
                                   unroll=unroll)
         x_ctx = context_frame(cfg, process, x0_bhwc, k_ctx)
@@ -172,7 +167,7 @@ def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None =
     history, outputs = [], []
     for i in range(num_frames):
         rng, k_noise, k_ctx = jax.random.split(rng, 3)
-        x = _initial_noise(k_noise, (batch, *m.frame_shape))
+        x = initial_noise(k_noise, (batch, *m.frame_shape))
         ctx_time = process.model_time(cfg.diffusion.ctx_level)
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
             level_bt = jnp.broadcast_to(jnp.asarray(

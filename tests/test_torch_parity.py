@@ -126,12 +126,12 @@ def test_frame_noise_is_what_the_jax_step_draws(oasis_cfg):
     """`frame_noise` replays the streaming step's own draw for each frame's key."""
     import jax
 
-    from lsd_jax.streaming import _initial_noise
+    from lsd_jax.diffusion import initial_noise
 
     key = jax.random.PRNGKey(5)
     noise, _ = parity.frame_noise(key, 2, oasis_cfg.model.frame_shape, 2)
     _, k_noise, _ = jax.random.split(key, 3)
-    np.testing.assert_array_equal(noise[0], np.asarray(_initial_noise(k_noise, noise[0].shape)))
+    np.testing.assert_array_equal(noise[0], np.asarray(initial_noise(k_noise, noise[0].shape)))
 
 
 def test_vae_encode_decode():
