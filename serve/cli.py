@@ -113,18 +113,27 @@ def _run_export(args) -> int:
 
 
 def _note_untrained_prompts(engine, prompts: list[str]) -> None:
-    """For each prompt the model was not trained on, say which trained prompt (`train/tasks.py`)
-    is nearest it under the model's encoder, with the cosine similarity."""
+    """For each prompt the model was not trained on, name the nearest trained prompt and its
+    cosine similarity: as what the prompt is read as when it is near (a paraphrase), as a
+    warning when it is far from everything the model was trained on."""
+    from lsd_jax.prompt import NEAR_SIMILARITY
+
     seen = set()
     for prompt in prompts:
         if prompt in seen:
             continue
         seen.add(prompt)
         near = engine.nearest_trained(prompt)
-        if near is not None and not near["trained"]:
-            _say(f"lsd stream: note: {prompt!r} is not a prompt the model was trained on; the "
-                 f"nearest trained prompt is {near['nearest']!r} (cosine similarity "
-                 f"{near['similarity']:.2f} under the {engine.prompt_encoder.name} encoder)")
+        if near is None or near["trained"]:
+            continue
+        how = (f"cosine similarity {near['similarity']:.2f} under the "
+               f"{engine.prompt_encoder.name} encoder")
+        if near["near"]:
+            _say(f"lsd stream: {prompt!r} reads as the trained prompt {near['nearest']!r} ({how})")
+        else:
+            _say(f"lsd stream: warning: {prompt!r} is far from every prompt the model was "
+                 f"trained on: the nearest is {near['nearest']!r} ({how}, below "
+                 f"{NEAR_SIMILARITY}); the output blends trained styles")
 
 
 def _run_stream(args) -> int:

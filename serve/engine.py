@@ -63,18 +63,20 @@ class Engine:
         return self.prompt_encoder.encode_batch(list(prompts))
 
     def nearest_trained(self, prompt: str) -> dict | None:
-        """`{"nearest": str, "similarity": float, "trained": bool}`: the trained prompt whose
-        embedding is nearest `prompt`'s (cosine similarity), and whether the embeddings are equal
-        (the prompt is a trained one, up to what the encoder ignores); None when the model takes
-        no prompt or its trained prompts are unknown."""
-        from lsd_jax.prompt import nearest_prompt
+        """`{"nearest": str, "similarity": float, "trained": bool, "near": bool}`: the trained
+        prompt whose embedding is nearest `prompt`'s (cosine similarity), whether the embeddings
+        are equal (the prompt is a trained one, up to what the encoder ignores) and whether it is
+        near enough to read as a phrasing of it (`lsd_jax.prompt.NEAR_SIMILARITY`); None when
+        the model takes no prompt or its trained prompts are unknown."""
+        from lsd_jax.prompt import NEAR_SIMILARITY, nearest_prompt
 
         if self.prompt_encoder is None or not self.trained_prompts:
             return None
         nearest, similarity = nearest_prompt(self.prompt_encoder, prompt, self.trained_prompts)
         trained = bool(np.array_equal(self.prompt_encoder.encode(prompt),
                                       self.prompt_encoder.encode(nearest)))
-        return {"nearest": nearest, "similarity": similarity, "trained": trained}
+        return {"nearest": nearest, "similarity": similarity, "trained": trained,
+                "near": trained or similarity >= NEAR_SIMILARITY}
 
     def step(self, state, frames_bhwc, prompt_bp=None, steps: int | None = None):
         """One frame for each of the `b` streams: `(state, out_bhwc_uint8)`; `state` is donated."""

@@ -519,7 +519,7 @@ def make_app(engine: Engine, options: ServerOptions) -> web.Application:
                 return await reply_error(session, "bad_value", f"nearest text {text!r:.60}, "
                                          f"expected a string of at most {MAX_PROMPT_CHARS} chars")
             near = await asyncio.to_thread(engine.nearest_trained, text)
-            near = near or {"nearest": None, "similarity": None, "trained": None}
+            near = near or {"nearest": None, "similarity": None, "trained": None, "near": None}
             encoder = engine.prompt_encoder
             return await session.send({**ack, "type": "nearest", "text": text, **near,
                                        "encoder": None if encoder is None else encoder.name})

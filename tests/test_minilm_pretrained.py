@@ -87,6 +87,23 @@ def test_nearest_trained_prompt_under_minilm(encoder):
         assert similarity == pytest.approx(cosines.max(), rel=1e-6) and 0.5 < similarity < 0.95
 
 
+def test_paraphrases_read_as_their_task_and_unrelated_prompts_as_far(encoder):
+    """Every held-out paraphrase is nearest a trained prompt of its own task, at or above
+    NEAR_SIMILARITY; prompts unrelated to any task stay below it."""
+    from lsd_jax.prompt import NEAR_SIMILARITY
+    from train.tasks import PARAPHRASES, trained_prompts
+
+    trained = trained_prompts(384, "all", phrasings=True)
+    owner = {p: t.name for t in TASKS for p in (t.prompt, *t.phrasings)}
+    for task, paraphrases in PARAPHRASES.items():
+        for paraphrase in paraphrases:
+            nearest, similarity = nearest_prompt(encoder, paraphrase, trained)
+            assert owner[nearest] == task and similarity >= NEAR_SIMILARITY, (paraphrase, nearest,
+                                                                               similarity)
+    for unrelated in ("a cat wearing sunglasses", "a bowl of soup", "a photo of a dog"):
+        assert nearest_prompt(encoder, unrelated, trained)[1] < NEAR_SIMILARITY - 0.1, unrelated
+
+
 def test_a_dit_conditioned_on_minilm(tmp_path, encoder):
     cfg = load_config(CONFIGS / "tiny.py", MINILM_CFG)
     assert make_prompt_encoder(cfg) is encoder

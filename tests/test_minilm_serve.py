@@ -86,36 +86,53 @@ def test_nearest_message_over_the_websocket(engines):
     assert near == {"type": "nearest", "of": "nearest", "id": 7,
                     "text": "an old photograph of neon lights", "nearest": want,
                     "similarity": pytest.approx(similarity, rel=1e-9), "trained": False,
-                    "encoder": "hashed"}
+                    "near": similarity >= 0.6, "encoder": "hashed"}
+    assert near["near"]  # 0.66 with "an old sepia photograph": shares "an old ... photograph"
     assert same["nearest"] == "glowing neon edges on a dark scene" and same["trained"]
     assert same["similarity"] == pytest.approx(1.0, abs=1e-9)
     assert bad["code"] == "bad_value" and "nearest text 5" in bad["message"]
     assert unknown["code"] == "unknown_type" and "prompt, nearest, reset" in unknown["message"]
     _, none = run(untrained, [{"type": "nearest", "text": "a pencil sketch"}])
-    assert (none["nearest"], none["similarity"], none["trained"]) == (None, None, None)
+    assert (none["nearest"], none["similarity"], none["trained"], none["near"]) == (None,) * 4
 
 
 def test_stream_note_names_the_nearest_trained_prompt(engines, capsys):
+    """Nothing for a trained prompt; what a near prompt reads as; a warning for a far one."""
     trained, untrained = engines
     _note_untrained_prompts(trained, ["a pencil sketch", "neon lights in the dark",
-                                      "neon lights in the dark"])
-    want, similarity = reference("neon lights in the dark")
+                                      "neon lights in the dark",
+                                      "an old photograph of neon lights"])
+    far, far_sim = reference("neon lights in the dark")
+    near, near_sim = reference("an old photograph of neon lights")
+    assert far_sim < 0.6 <= near_sim
     assert capsys.readouterr().err.splitlines() == [
-        f"lsd stream: note: 'neon lights in the dark' is not a prompt the model was trained on; "
-        f"the nearest trained prompt is {want!r} (cosine similarity {similarity:.2f} under the "
-        f"hashed encoder)"]
+        f"lsd stream: warning: 'neon lights in the dark' is far from every prompt the model was "
+        f"trained on: the nearest is {far!r} (cosine similarity {far_sim:.2f} under the hashed "
+        f"encoder, below 0.6); the output blends trained styles",
+        f"lsd stream: 'an old photograph of neon lights' reads as the trained prompt {near!r} "
+        f"(cosine similarity {near_sim:.2f} under the hashed encoder)"]
     _note_untrained_prompts(untrained, ["neon lights in the dark"])
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
 def test_lsd_stream_prints_the_note_for_the_demo_model(tmp_path, capsys):
+    """A held-out paraphrase of a trained prompt reads as that prompt (no warning); an unrelated
+    prompt is reported far from everything trained."""
+    from lsd_jax.resolve import resolve_model
+    from train.tasks import PARAPHRASES
+
+    demo = resolve_model()
+    paraphrase = PARAPHRASES["thermal"][0]
     assert main(["stream", "--input", "demo", "--prompt-schedule",
-                 "0:a pencil sketch,1:an infrared heat map", "--out", str(tmp_path / "o.mp4"),
-                 "--max-frames", "2", "--steps", "1", "--no-progress"]) == 0
-    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
-    want, similarity = reference("an infrared heat map")
-    assert notes == [
-        f"lsd stream: note: 'an infrared heat map' is not a prompt the model was trained on; the "
-        f"nearest trained prompt is {want!r} (cosine similarity {similarity:.2f} under the hashed "
-        f"encoder)"]
+                 f"0:a pencil sketch,1:{paraphrase},2:a cat wearing sunglasses", "--out",
+                 str(tmp_path / "o.mp4"), "--max-frames", "3", "--steps", "1",
+                 "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if "trained" in line and "built-in" not in line]
+    assert len(lines) == 2, lines
+    if demo.cfg.prompt.encoder == "minilm":
+        assert lines[0].startswith(f"lsd stream: {paraphrase!r} reads as the trained prompt "
+                                   "'a thermal camera image'")
+    assert lines[1].startswith("lsd stream: warning: 'a cat wearing sunglasses' is far from "
+                               "every prompt the model was trained on")

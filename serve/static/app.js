@@ -34,8 +34,10 @@ function showNearest(message) {
   } else if (message.trained) {
     $("nearest").textContent = "a prompt the model was trained on";
   } else {
-    $("nearest").textContent = `nearest trained prompt: "${message.nearest}" (cosine ` +
-      `similarity ${message.similarity.toFixed(2)}, ${message.encoder} encoder)`;
+    const how = `cosine similarity ${message.similarity.toFixed(2)}, ${message.encoder} encoder`;
+    $("nearest").textContent = message.near
+      ? `reads as the trained prompt "${message.nearest}" (${how})`
+      : `far from every trained prompt; nearest: "${message.nearest}" (${how})`;
   }
 }
 
