@@ -161,7 +161,8 @@ def _register_eval(commands) -> None:
         description="lsd eval [quality]: PSNR, SSIM and flicker per prompt on held-out clips at "
                     "several step counts. lsd eval drift: PSNR over an endless held-out stream. "
                     "Tables and plots go to --out and into a section of --report.")
-    parser.add_argument("what", nargs="?", choices=("quality", "drift"), default="quality")
+    parser.add_argument("what", nargs="?", choices=("quality", "drift", "paraphrase"),
+                        default="quality")
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]SPEC",
                         help="model: 'demo' (built in, the default), a model directory, a "
                              "training work directory, or WORKDIR@STEP; repeat to compare")
@@ -240,6 +241,22 @@ def _run_eval(args: argparse.Namespace) -> int:
             print(f"{r['model']}: per-frame tasks {s[k3]['per_frame_psnr']:.2f} dB, temporal "
                   f"{s[k3]['temporal_psnr']:.2f} dB at {k3} steps; per-frame "
                   f"{s[kmax]['per_frame_psnr']:.2f} dB at {kmax} steps", file=sys.stderr)
+    elif args.what == "paraphrase":
+        from train.eval_paraphrase import evaluate_paraphrases, paraphrase_markdown
+
+        if args.steps is not None and len(args.steps) != 1:
+            raise ConfigError(f"lsd eval paraphrase --steps {','.join(map(str, args.steps))}: "
+                              "expected one step count")
+        results = [evaluate_paraphrases(m, steps=args.steps[0] if args.steps else 3,
+                                        clips=args.clips, frames=args.frames or 12,
+                                        seed=args.seed, split=args.split,
+                                        progress=not args.no_progress) for m in models]
+        for r in results:
+            closer = sum(p["margin"] > 0 for t in r["tasks"].values() for p in t["paraphrases"])
+            total = sum(len(t["paraphrases"]) for t in r["tasks"].values())
+            print(f"{r['model']}: {closer} of {total} paraphrases closer to their own task "
+                  f"(smallest margin {r['min_margin']:+.2f} dB)", file=sys.stderr)
+        body = paraphrase_markdown(results)
     else:
         if args.steps is not None and len(args.steps) != 1:
             raise ConfigError(f"lsd eval drift --steps {','.join(map(str, args.steps))}: "
