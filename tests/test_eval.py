@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lsd_jax.config import CheckpointError, ConfigError, load_config
-from train import evaluate
+from train import eval_report, evaluate
 from train.tasks import TASK_NAMES
 
 
@@ -105,9 +105,9 @@ def test_model_spec_errors_name_the_spec(tmp_path):
 def test_report_sections_are_replaced_and_the_rest_kept(tmp_path):
     report = tmp_path / "EVAL.md"
     report.write_text("# Evaluation\n\nHand-written notes.\n")
-    evaluate.replace_section(report, "quality", "table one")
-    evaluate.replace_section(report, "drift", "drift table")
-    evaluate.replace_section(report, "quality", "table two")
+    eval_report.replace_section(report, "quality", "table one")
+    eval_report.replace_section(report, "drift", "drift table")
+    eval_report.replace_section(report, "quality", "table two")
     text = report.read_text()
     assert text.startswith("# Evaluation\n\nHand-written notes.\n")
     assert "table two" in text and "table one" not in text and "drift table" in text

@@ -281,9 +281,9 @@ def _run_eval(args: argparse.Namespace) -> int:
             plot = eval_report.plot_drift(results, out_dir / f"{section}.png")
             pictures = {"PSNR over the stream": rel(plot)}
         body = eval_report.drift_markdown(results, pictures=pictures)
-    payload = [evaluate.json_ready(r) for r in results]
+    payload = [eval_report.json_ready(r) for r in results]
     if out_dir:
-        evaluate.save_json(out_dir / f"{section}.json", payload)
+        eval_report.save_json(out_dir / f"{section}.json", payload)
         print(f"wrote {out_dir}/{section}*", file=sys.stderr)
     if report:
         import shlex
@@ -291,7 +291,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         command = "lsd eval " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
         if command:
             body = f"`{command}`\n\n" + body
-        evaluate.replace_section(report, section, body)
+        eval_report.replace_section(report, section, body)
         print(f"wrote {report} (section {section})", file=sys.stderr)
     if args.json:
         print(json.dumps(payload, indent=2))

@@ -20,7 +20,6 @@ difference between their mean PSNR is the model's own drift.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -417,40 +416,3 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
             "same_input": frames % period == 0, "min": float(psnr.min()),
             "seconds": seconds, "ms_per_frame": 1000 * seconds / timed, "psnr": psnr,
             "frames_kept": kept}
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def json_ready(result: dict) -> dict:
-    """`result` without its arrays and pictures (the top-level `samples`, `frames_kept` and the
-    per-frame `psnr` array of a drift result), with string keys: plain JSON types."""
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        return value
-
-    return {key: plain(value) for key, value in result.items()
-            if key not in ("samples", "frames_kept") and not (key == "psnr" and
-                                                               not np.isscalar(value))}
-
-
-def save_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def replace_section(report: Path, name: str, body: str) -> None:
-    """Put `body` between the markers of section `name` in the markdown file `report` (appended
-    when the markers are not there yet); the rest of the file is kept."""
-    begin, end = f"<!-- lsd eval {name}: begin -->", f"<!-- lsd eval {name}: end -->"
-    text = report.read_text() if report.exists() else ""
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    report.write_text(text)
-
