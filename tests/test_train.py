@@ -91,6 +91,31 @@ print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["t
     assert out == [str(len(TASKS)), "True", "[]"], out
 
 
+def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path):
+    """`python -m train.ship_demo` copies the run's model with its trained prompts, and writes
+    TRAINING.md with the recipe, the parameter count and the steps; an unfinished run is refused."""
+    from lsd_jax.checkpoint import load_model, load_trained_prompts
+    from lsd_jax.config import CheckpointError
+    from train.ship_demo import ship
+    from train.tasks import TASKS
+
+    dest = ship(uninterrupted, "lsd train --config configs/tiny.py", dest=tmp_path / "demo")
+    assert load_trained_prompts(dest) == tuple(t.prompt for t in TASKS)
+    _, model = load_model(dest)
+    from flax import nnx
+
+    count = sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    text = (dest / "TRAINING.md").read_text()
+    assert f"{count:,} parameters" in text and "| steps | 20 " in text and "`tiny` recipe" in text
+    short = tmp_path / "short"
+    shutil.copytree(uninterrupted, short)
+    meta = json.loads((short / "model" / "config.json").read_text())
+    meta["config"]["train"]["steps"] = 40
+    (short / "model" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="stopped at step 20 of 40"):
+        ship(short, "x", dest=tmp_path / "demo2")
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(uninterrupted, repo_root):
     root = uninterrupted.parent

@@ -49,6 +49,28 @@ def summarize(workdir: Path) -> dict:
             "loss_first": lines[0]["loss"]}
 
 
+def _record_trained_prompts(meta_path: Path, cfg) -> None:
+    """Write the prompts the run trained on into the model's config.json when the trainer that
+    wrote it did not record them (a run started before prompts were recorded)."""
+    from train.tasks import trained_prompts
+
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("trained_prompts"):
+        meta["trained_prompts"] = list(trained_prompts(cfg.model.prompt_dim, cfg.data.tasks,
+                                                       cfg.data.prompt_phrasings))
+        meta_path.write_text(json.dumps(meta, indent=2))
+
+
+def _num_params(model_dir: Path) -> int:
+    import jax
+    from flax import nnx
+
+    from lsd_jax.checkpoint import load_model
+
+    _, model = load_model(model_dir)
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR) -> Path:
     model = workdir / "model"
     if not (model / "config.json").is_file():
@@ -61,9 +83,11 @@ def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR) -> Path:
     if size > MAX_BYTES:
         raise CheckpointError(f"model of {str(workdir)!r} is {size:,} bytes, over the "
                               f"{MAX_BYTES:,} allowed in the package")
+    cfg = load_config_from(model)
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(model, dest)
+    _record_trained_prompts(dest / "config.json", cfg)
     if (workdir / "plots" / "loss.png").is_file():
         shutil.copy(workdir / "plots" / "loss.png", dest / "loss.png")
     try:
@@ -78,7 +102,8 @@ Made by
 
     {command}
 
-from `configs/demo.py` (the tiny model: 1,344,584 parameters), at commit {commit}, shipped
+from the `{cfg.name}` recipe (`configs/{cfg.name}.py`; {_num_params(dest):,} parameters,
+{cfg.prompt.encoder} prompt encoder), at commit {commit}, shipped
 {datetime.now(UTC):%Y-%m-%d} from a {platform.machine()} machine with
 {__import__('os').cpu_count()} CPU cores ({platform.python_implementation()}
 {platform.python_version()}).
