@@ -36,8 +36,18 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
 # Denoising steps per frame: `diffusion.sample_steps` and the commands' `--steps`.
 MAX_SAMPLE_STEPS = 128
+
+
+def dtype_of(name: str):
+    """The numpy dtype called `name`: a config's `model.dtype`/`model.param_dtype` (`DTYPES`) or
+    any numpy dtype name, `bfloat16` included (numpy alone has none). TypeError for other names."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +131,8 @@ class ModelConfig:
             raise ConfigError(f"model.window={self.window}, expected >= 2 frames (the current "
                               "frame and at least one history frame)")
         _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
-        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
-        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.param_dtype", self.param_dtype, DTYPES)
 
     @property
     def head_dim(self) -> int:

@@ -26,13 +26,15 @@ from flax import nnx
 
 from lsd_jax import rope
 from lsd_jax.attention import get_attention
-from lsd_jax.config import ModelConfig
+from lsd_jax.config import ModelConfig, dtype_of
 
 # The step-size input is -log2(d) in [0, log2(max_steps)]; scaling it spreads it over the
 # sinusoid's frequencies as the noise-level input (0..1000) is spread.
 STEP_EMBED_SCALE = 100.0
 
-REMAT_POLICIES = {
+# The `jax.checkpoint` policy of each `model.remat_policy` (config.REMAT_POLICIES) but "none",
+# which runs the blocks without rematerialisation.
+_CHECKPOINT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -43,17 +45,14 @@ class RopeFreqs(nnx.Variable):
     """Fixed rotary frequencies: part of the state (Oasis counts them), never trained."""
 
 
-def _dtype(name: str):
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
             bias: bool = True, zero: bool = False, init=None) -> nnx.Linear:
     """A Linear whose kernel/bias carry logical axis names (mapped to a mesh by train/)."""
     kernel_init = nnx.initializers.zeros_init() if zero else (
         init or nnx.initializers.xavier_uniform())
     return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        d_in, d_out, use_bias=bias, dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
         kernel_init=kernel_init, rngs=rngs,
         kernel_metadata={"out_sharding": axes, "eager_sharding": False},
         bias_metadata={"out_sharding": axes[1:], "eager_sharding": False},
@@ -180,8 +179,8 @@ def _conv(cfg: ModelConfig, d_in: int, d_out: int, kernel: int, *, rngs: nnx.Rng
           zero: bool = False) -> nnx.Conv:
     """A `kernel x kernel` SAME convolution over NHWC frames at pixel resolution."""
     return nnx.Conv(
-        d_in, d_out, (kernel, kernel), padding="SAME", dtype=_dtype(cfg.dtype),
-        param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+        d_in, d_out, (kernel, kernel), padding="SAME", dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype), rngs=rngs,
         kernel_init=nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal(),
         kernel_metadata={"out_sharding": (None, None, "pixel", "pixel"), "eager_sharding": False},
         bias_metadata={"out_sharding": ("pixel",), "eager_sharding": False},
@@ -359,14 +358,14 @@ class DiT(nnx.Module):
         b, t, h, w, c = x_bthwc.shape
         p = self.cfg.patch_size
         x = x_bthwc.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(b, t, (h // p) * (w // p), p * p * c).astype(_dtype(self.cfg.dtype))
+        return x.reshape(b, t, (h // p) * (w // p), p * p * c).astype(dtype_of(self.cfg.dtype))
 
     def _embed(self, x_bthwc, cond_bthwc):
         """Tokens `[b, t, n, d]` of the frames (and input frames), and the pixel path's stem
         features `[b, t, h, w, F]` (None when it is off)."""
         feats_bthwf = None
         if self.pixel is not None:
-            feats_bthwf = self.pixel.stem_features(cond_bthwc.astype(_dtype(self.cfg.dtype)))
+            feats_bthwf = self.pixel.stem_features(cond_bthwc.astype(dtype_of(self.cfg.dtype)))
         if cond_bthwc is not None:
             x_bthwc = jnp.concatenate([x_bthwc, cond_bthwc.astype(x_bthwc.dtype)], axis=-1)
         tokens_btnd = self.x_embedder(self._patchify(x_bthwc))
@@ -436,7 +435,7 @@ class DiT(nnx.Module):
             return block(x, c_btd, spatial_mix, lambda q, k, v: temporal_mix(q, k, v, ctx))
 
         if cfg.remat_policy != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy])
+            body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[cfg.remat_policy])
         if cfg.scan_layers:
             return jax.lax.scan(body, x_btnd, (layers_state, layer_ctx))
         kvs = []

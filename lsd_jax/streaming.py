@@ -26,9 +26,9 @@ import numpy as np
 from flax import nnx
 
 from lsd_jax import rope
-from lsd_jax.config import Config
+from lsd_jax.config import Config, dtype_of
 from lsd_jax.diffusion import initial_noise, make_process
-from lsd_jax.model import StreamContext, _dtype
+from lsd_jax.model import StreamContext
 from lsd_jax.stream_state import StreamState
 
 
@@ -43,8 +43,8 @@ def init_stream(cfg: Config, batch: int, rng, start_frame: int = 0) -> StreamSta
         raise ValueError(f"batch={batch}, expected >= 1 concurrent streams")
     shape = (m.depth, batch, cache_size(cfg), m.tokens_per_frame, m.num_heads, m.head_dim)
     return StreamState(
-        cache_k=jnp.zeros(shape, _dtype(m.dtype)),
-        cache_v=jnp.zeros(shape, _dtype(m.dtype)),
+        cache_k=jnp.zeros(shape, dtype_of(m.dtype)),
+        cache_v=jnp.zeros(shape, dtype_of(m.dtype)),
         slot=jnp.asarray(start_frame % cache_size(cfg), jnp.int32),
         num_valid=jnp.zeros((batch,), jnp.int32),
         # A copy: the state is donated to the step, the caller's key must survive.

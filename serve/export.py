@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsd_jax.config import CheckpointError, Config, to_dict
+from lsd_jax.config import CheckpointError, Config, dtype_of, to_dict
 from lsd_jax.stream_state import STATE_FIELDS, StreamState
 
 MAGIC = b"LSDX\r\n\x1a\n"
@@ -61,10 +61,6 @@ class ArtifactError(CheckpointError):
 
 def _spec(shape, dtype) -> dict:
     return {"shape": [int(d) for d in shape], "dtype": np.dtype(dtype).name}
-
-
-def _dtype(name: str) -> np.dtype:
-    return np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def _variant_name(batch: int, steps: int) -> str:
@@ -228,7 +224,7 @@ class Artifact:
     def init_state(self, batch: int, seed: int = 0) -> StreamState:
         """An empty stream state for `batch` streams."""
         shapes = self._inputs(batch)
-        zeros = lambda n: jnp.zeros(shapes[n]["shape"], _dtype(shapes[n]["dtype"]))  # noqa: E731
+        zeros = lambda n: jnp.zeros(shapes[n]["shape"], dtype_of(shapes[n]["dtype"]))  # noqa: E731
         return StreamState(cache_k=zeros("cache_k"), cache_v=zeros("cache_v"), slot=zeros("slot"),
                            num_valid=zeros("num_valid"), rng=jax.random.PRNGKey(seed))
 
@@ -290,7 +286,7 @@ def _int_list(value, length: int | None = None) -> bool:
 
 def _dtype_ok(name: str) -> bool:
     try:
-        _dtype(name)
+        dtype_of(name)
     except TypeError:
         return False
     return True
@@ -381,7 +377,7 @@ def load_artifact(path: str | Path) -> Artifact:
     weights = blobs.pop("weights")
     params_list = []
     for i, p in enumerate(header["params"]):
-        dtype = _dtype(p["dtype"])
+        dtype = dtype_of(p["dtype"])
         count = int(np.prod(p["shape"], dtype=np.int64))
         if p["offset"] + count * dtype.itemsize > len(weights):
             _fail(path, f"header field 'params[{i}]' lies outside the {len(weights)} bytes of "
