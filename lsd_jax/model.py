@@ -510,6 +510,13 @@ def count_params(model_or_state) -> tuple[int, int]:
     return sizes(state), sizes(nnx.filter_state(state, nnx.Param))
 
 
+def jitted_apply(model):
+    """`model(x, time, **kwargs)` jitted with the weights as arguments (not baked-in constants)."""
+    graphdef, state = nnx.split(model)
+    apply = jax.jit(lambda state, *a, **k: nnx.merge(graphdef, state)(*a, **k))
+    return lambda *a, **k: apply(state, *a, **k)
+
+
 def abstract_model(cfg: ModelConfig) -> DiT:
     """The model with abstract (shape-only) arrays: no weights allocated."""
     return nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))

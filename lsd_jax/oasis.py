@@ -34,6 +34,7 @@ from flax import nnx
 from lsd_jax.codec import FrameError, resize_and_crop
 from lsd_jax.config import Config, ConfigError
 from lsd_jax.diffusion import initial_noise, make_process
+from lsd_jax.model import jitted_apply
 
 MODES = ("recompute", "banded-cache")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -122,8 +123,6 @@ def sample_recompute(cfg: Config, model, start_bthwc, actions_btx, num_frames: i
     process = make_process(cfg.diffusion)
     levels, _ = process.sampling_schedule(cfg.diffusion.sample_steps)
     window = cfg.model.window
-    from lsd_jax.parity import jitted_apply
-
     apply = jitted_apply(model)
     batch, prompt = start_bthwc.shape[:2]
     frames = [start_bthwc[:, j] for j in range(prompt)]

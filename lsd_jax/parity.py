@@ -30,6 +30,7 @@ from flax import nnx
 
 from lsd_jax.config import Config
 from lsd_jax.diffusion import initial_noise
+from lsd_jax.model import jitted_apply
 
 TOLERANCES = {"forward": 1e-5, "trajectory": 1e-4, "loss": 1e-5, "streaming": 1e-5}
 
@@ -128,13 +129,6 @@ def frame_noise(rng, batch: int, frame_shape, frames: int):
         noise.append(initial_noise(k_noise, (batch, *frame_shape)))
         ctx_eps.append(jax.random.normal(k_ctx, (batch, *frame_shape), jnp.float32))
     return np.asarray(jnp.stack(noise)), np.asarray(jnp.stack(ctx_eps))
-
-
-def jitted_apply(model):
-    """`model(x, time, **kwargs)` jitted with the weights as arguments (not baked-in constants)."""
-    graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda state, *a, **k: nnx.merge(graphdef, state)(*a, **k))
-    return lambda *a, **k: apply(state, *a, **k)
 
 
 def _torch(a):
