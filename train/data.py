@@ -59,7 +59,7 @@ class DataWarning(UserWarning):
 
 
 @functools.cache
-def _photograph(name: str, min_side: int) -> np.ndarray:
+def photograph(name: str, min_side: int) -> np.ndarray:
     """A scikit-image photograph, RGB uint8, resized (area) so its short side is `min_side`."""
     import skimage.data
 
@@ -111,7 +111,7 @@ class ProceduralClips:
         rng = np.random.default_rng((self.seed, self.split_id, int(index)))
         t, h, w = self.clip_frames, self.height, self.width
         # Views span 30-80% of the short side, so 4x the frame keeps sampling above 1.2x.
-        image = _photograph(self.names[rng.integers(len(self.names))], 4 * max(h, w))
+        image = photograph(self.names[rng.integers(len(self.names))], 4 * max(h, w))
         ih, iw = image.shape[:2]
         view = rng.uniform(0.3, 0.8, 2) * min(ih, iw)  # start and end view size, pixels
         angle = rng.uniform(-30, 30) + rng.uniform(-20, 20, 1) * np.array([0.0, 1.0])

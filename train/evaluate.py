@@ -298,7 +298,7 @@ class EndlessPath:
     """
 
     def __init__(self, cfg: Config, *, seed: int = 0, period: int = 1000):
-        from train.data import _photograph, split_photographs
+        from train.data import photograph, split_photographs
 
         if period < 8:
             raise ConfigError(f"drift period={period}, expected >= 8 frames")
@@ -307,8 +307,8 @@ class EndlessPath:
         rng = np.random.default_rng((seed, 1, 2**31 - 1))
         names = split_photographs("heldout", cfg.data.heldout_images)
         # The seed picks the photograph: even seeds the last held-out one (a real photograph).
-        self.image = _photograph(names[::-1][seed % len(names)], 4 * max(self.height,
-                                                                        self.width))
+        self.image = photograph(names[::-1][seed % len(names)], 4 * max(self.height,
+                                                                       self.width))
         ih, iw = self.image.shape[:2]
         short = min(ih, iw)
         # Harmonics k of the base frequency 1/period; a few cycles per period keep it smooth.
