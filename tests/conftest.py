@@ -1,5 +1,7 @@
-"""Shared fixtures: the repository root, the tiny config, a seeded numpy generator, a log of the
-jit compiles a test makes."""
+"""Shared fixtures and helpers: the repository root and configs directory (`REPO_ROOT`,
+`CONFIGS`), the relative error of the tolerance policy (`rel_err`), the tiny config, a seeded
+numpy generator, a log of the jit compiles a test makes. Test modules import the helpers with
+`from conftest import CONFIGS, REPO_ROOT, rel_err`."""
 
 from __future__ import annotations
 
@@ -13,6 +15,13 @@ import pytest
 from lsd_jax.config import Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64: the relative error of the tolerance policy."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture
@@ -22,7 +31,7 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def tiny_cfg() -> Config:
-    return load_config(REPO_ROOT / "configs" / "tiny.py")
+    return load_config(CONFIGS / "tiny.py")
 
 
 @pytest.fixture

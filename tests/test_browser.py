@@ -18,17 +18,16 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import pytest
+from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
 from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 50
 DEADLINE_S = 150  # compiles on a loaded machine plus 50 frames; the test never waits longer
 # Flags that work on this machine (closed network: no background fetches, no QUIC, no sync).

@@ -1,19 +1,18 @@
 """Model checkpoints: save, load into a model built from the stored config, and the errors."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from flax import nnx
 
 from lsd_jax.checkpoint import CheckpointError, load_model, save_model
 from lsd_jax.config import load_config
 from lsd_jax.model import DiT, randomize
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
          "model.depth=1", "model.prompt_dim=8"]
 

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from flax import nnx
 
 from lsd_jax import model as model_lib
 from lsd_jax.config import DTYPES, REMAT_POLICIES, dtype_of, load_config
 from lsd_jax.streaming import init_stream
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.frame_height=8", "model.frame_width=8", "model.patch_size=4",
          "model.hidden_size=32", "model.num_heads=2", "model.depth=1", "model.window=2",
          "model.use_step_size=false", "model.prompt_dim=0"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from flax import nnx
 
 from lsd_jax.config import load_config
@@ -24,7 +24,6 @@ from lsd_jax.convert import (
 from lsd_jax.model import model_from_params
 from lsd_jax.vae import VAEConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL_OASIS = ["model.depth=2", "model.hidden_size=128", "model.num_heads=4", "model.window=4"]
 ALL_OPTIONS = ["model.frame_height=16", "model.frame_width=16", "model.patch_size=4",
                "model.hidden_size=64", "model.num_heads=4", "model.depth=2", "model.prompt_dim=8",

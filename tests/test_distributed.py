@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
         "model.depth=1", "model.num_heads=2", "model.window=4", "model.prompt_dim=16",
         "data.clip_frames=4", "train.batch_size=4", "train.warmup_steps=0", "train.lr=1e-3",

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 from lsd_jax.config import CheckpointError, ConfigError, load_config
 from train import eval_report, evaluate
@@ -237,11 +238,10 @@ def test_eval_drift_short_stream_does_not_degrade(tmp_path, capsys):
 def test_browser_page_offers_the_trained_prompts():
     """The page's prompt list is the demo model's training prompts, exactly."""
     import re
-    from pathlib import Path
 
     from train.tasks import TASKS
 
-    page = (Path(__file__).resolve().parents[1] / "serve" / "static" / "index.html").read_text()
+    page = (REPO_ROOT / "serve" / "static" / "index.html").read_text()
     block = page.split('<datalist id="known-prompts">')[1].split("</datalist>")[0]
     assert re.findall(r'<option value="([^"]+)">', block) == [t.prompt for t in TASKS]
 

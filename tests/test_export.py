@@ -8,19 +8,17 @@ import json
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from flax import nnx
 
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
 from lsd_jax.streaming import init_stream, make_step
 from serve.export import MAGIC, ArtifactError, load_artifact, save_artifact
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from flax import nnx
 from scipy.special import erf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -37,7 +38,6 @@ from lsd_jax.prompt import (
 from serve.export import Artifact, ArtifactError, prompt_handling
 from train.tasks import TASKS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL_BERT = BertConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,
                         intermediate_size=64, max_positions=48)
 WORDS = ("a red fox jumps over the lazy dog pencil sketch thermal camera image old sepia "

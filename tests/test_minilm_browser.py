@@ -9,11 +9,11 @@ import asyncio
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from test_browser import CHROMIUM_FLAGS, DevTools, chromium_path, devtools_port
 
 from lsd_jax.config import load_config
@@ -23,7 +23,6 @@ from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions
 from train.tasks import TASKS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 90
 
 

@@ -3,12 +3,11 @@ tokeniser edge cases, length buckets, the nearest trained prompt, and a DiT cond
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from flax import nnx
 
 from lsd_jax.checkpoint import load_model, save_model
@@ -19,7 +18,6 @@ from lsd_jax.model import DiT, randomize
 from lsd_jax.prompt import encoder_from_record, make_prompt_encoder, nearest_prompt
 from train.tasks import TASKS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLS, SEP, UNK = 101, 102, 100
 MINILM_CFG = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
               "model.depth=1", "model.prompt_dim=384", "prompt.encoder=minilm"]

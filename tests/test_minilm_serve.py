@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+from conftest import CONFIGS
 
 from lsd_jax.cli import main
 from lsd_jax.config import load_config
@@ -20,7 +20,6 @@ from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions
 from train.tasks import TASKS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "model.window=4",
          "diffusion.sample_steps=1"]
 KNOWN = [t.prompt for t in TASKS]

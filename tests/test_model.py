@@ -1,27 +1,19 @@
 """The DiT: shapes and parameter counts of every config, the cache == forward fact, causality."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from conftest import CONFIGS, rel_err
 from flax import nnx
 
 from lsd_jax.config import load_config
 from lsd_jax.model import DiT, abstract_model, count_params, randomize
 from lsd_jax.streaming import init_stream, read_cache, write_cache
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.frame_height=16", "model.frame_width=24", "model.patch_size=4",
          "model.hidden_size=64", "model.num_heads=4", "model.depth=3", "model.window=4",
          "model.prompt_dim=8"]
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b|: the relative error of the tolerance policy."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def small_model(overrides=(), seed=0):

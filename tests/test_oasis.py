@@ -4,13 +4,13 @@ loop in torch, and the `lsd convert oasis` / `lsd oasis` commands end to end."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS, rel_err
 from flax import nnx
 
 from lsd_jax.config import ConfigError, load_config
@@ -21,15 +21,9 @@ from lsd_jax.oasis import (
     sample_recompute,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Oasis-shaped and small; window 3 so a 5-frame video slides the window twice.
 SMALL_OASIS = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "model.window=3",
                "diffusion.sample_steps=3"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from pathlib import Path
 
 import aiohttp
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
 from serve.engine import model_engine
 from serve.server import BackgroundServer, ServerOptions, _jpeg
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60  # a first frame compiles the step; on a loaded 2-core machine that takes seconds
 # A small model of the tiny config's frame size: each compile of a (batch, steps) variant is short.
 SMALL = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "model.window=4",

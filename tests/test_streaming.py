@@ -1,18 +1,17 @@
 """The jitted streaming step against the plain autoregressive reference sampler."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS, rel_err
 from flax import nnx
 
 from lsd_jax.config import load_config
 from lsd_jax.model import DiT, randomize
 from lsd_jax.streaming import init_stream, make_latent_step, reference_sample
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["model.frame_height=16", "model.frame_width=16", "model.patch_size=4",
          "model.hidden_size=64", "model.num_heads=4", "model.depth=2", "model.window=3",
          "model.prompt_dim=8"]
@@ -20,11 +19,6 @@ SMALL = ["model.frame_height=16", "model.frame_width=16", "model.patch_size=4",
 OASIS_LIKE = ["model.cond_channels=0", "model.prompt_dim=0", "model.use_step_size=false",
               "model.external_cond_dim=5", "diffusion.process=ddpm_v", "diffusion.ctx_level=14",
               "diffusion.sample_steps=3"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def setup(overrides, batch=2, seed=0):

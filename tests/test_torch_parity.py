@@ -9,7 +9,6 @@ max|jax - torch| / max|torch|.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
+from conftest import CONFIGS  # noqa: E402
 
 from lsd_jax import parity  # noqa: E402
 from lsd_jax.config import load_config  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL_OASIS = ["model.depth=2", "model.hidden_size=128", "model.num_heads=4", "model.window=4",
                "diffusion.sample_steps=3"]
 # Every option the Oasis config leaves off, and the non-Oasis conventions.

@@ -27,10 +27,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
         "model.depth=1", "model.num_heads=2", "model.window=4", "model.prompt_dim=16",
