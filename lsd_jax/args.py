@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from lsd_jax.config import MAX_SAMPLE_STEPS
+from lsd_jax.config import MAX_SAMPLE_STEPS, Config, load_config, resolve_config
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -56,3 +56,9 @@ def int_list(low: int = 1, high: int | None = None) -> Callable[[str], tuple[int
 # Denoising steps per frame, the range `diffusion.sample_steps` takes.
 step_count = int_in(1, MAX_SAMPLE_STEPS)
 step_counts = int_list(1, MAX_SAMPLE_STEPS)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of `--config` (a file or a packaged config's name) with the trailing
+    `key.path=value` overrides."""
+    return load_config(resolve_config(args.config), args.overrides)

@@ -11,64 +11,35 @@ prints one line, `lsd: error: ...`, to stderr and exits 2, as argparse does for 
 Adding a command: write `_run_NAME(args) -> int`, and register it in `build_parser` with
 `_add_command` (which adds `--config` and the overrides), plus its own arguments. Commands that
 belong to another package live there, in a module listed in `COMMAND_MODULES` whose
-`register(commands, add_command)` adds them (heavy imports stay inside the run functions).
+`register(commands, add_command, bench)` adds them (heavy imports stay inside the run functions);
+those modules take what they share with this one from `lsd_jax.args` and `lsd_jax.config`, never
+from this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.resources
-import importlib.util
 import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from lsd_jax.args import int_in, int_list, step_count
+from lsd_jax import parity_cli
+from lsd_jax.args import config_from_args, int_in, int_list, step_count
 from lsd_jax.codec import CodecUnavailableError, FrameError
-from lsd_jax.config import CheckpointError, Config, ConfigError, load_config
+from lsd_jax.config import CheckpointError, Config, ConfigError
 from lsd_jax.prompt import PromptError
 from lsd_jax.video import VideoWriteError
+from serve import cli as serve_cli
+from train import cli as train_cli
 
-COMMAND_MODULES = ("lsd_jax.parity_cli", "train.cli", "serve.cli")
+# The modules whose `register(commands, add_command, bench)` adds their commands.
+COMMAND_MODULES = (parity_cli, train_cli, serve_cli)
 
 # Errors caused by what the user asked for, reported as one line; anything else is a bug and keeps
 # its traceback.
 USER_ERRORS = (ConfigError, CheckpointError, FrameError, PromptError, CodecUnavailableError,
                FileNotFoundError, VideoWriteError)
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def packaged_configs() -> list[str]:
-    """Names of the configs shipped in the `configs` package."""
-    root = importlib.resources.files("configs")
-    return sorted(p.name[:-3] for p in root.iterdir()
-                  if p.name.endswith(".py") and not p.name.startswith("_"))
-
-
-def resolve_config(spec: str) -> Path:
-    """A config file path, or a packaged config's name (`tiny`, `configs/tiny.py` outside the repo).
-
-    An existing file wins; otherwise a bare name or a path under a `configs/` folder is looked up
-    by its stem in the `configs` package.
-    """
-    path = Path(spec)
-    if path.is_file():
-        return path
-    if path.suffix in ("", ".py") and (len(path.parts) == 1 or path.parent.name == "configs"):
-        packaged = importlib.resources.files("configs").joinpath(f"{path.stem}.py")
-        if packaged.is_file():
-            return Path(str(packaged))
-    raise ConfigError(f"config {spec!r} not found: no such file, and no packaged config of that "
-                      f"name (packaged: {', '.join(packaged_configs())})")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(resolve_config(args.config), args.overrides)
 
 
 # ----------------------------------------------------------------------------- output
@@ -222,9 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--no-progress", action="store_true", help="no progress bar")
     step.add_argument("--json", action="store_true", help="print one JSON object")
 
-    for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(commands, _add_command, bench)
+    for module in COMMAND_MODULES:
+        module.register(commands, _add_command, bench)
     return parser
 
 

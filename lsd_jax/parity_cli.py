@@ -66,8 +66,7 @@ def _run_convert_oasis(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from lsd_jax.checkpoint import save_model
-    from lsd_jax.cli import resolve_config
-    from lsd_jax.config import ConfigError, load_config
+    from lsd_jax.config import ConfigError, load_config, resolve_config
     from lsd_jax.convert import (
         IGNORED_SUFFIX,
         dit_from_torch,
@@ -117,7 +116,7 @@ def _run_convert_oasis(args: argparse.Namespace) -> int:
 
 
 def _run_parity(args: argparse.Namespace) -> int:
-    from lsd_jax.cli import config_from_args
+    from lsd_jax.args import config_from_args
     from lsd_jax.parity import build_pair, run_parity
 
     _require("torch", "lsd parity")
@@ -142,7 +141,7 @@ def _run_parity(args: argparse.Namespace) -> int:
 
 
 def _run_bench_parity_speed(args: argparse.Namespace) -> int:
-    from lsd_jax.cli import config_from_args
+    from lsd_jax.args import config_from_args
     from lsd_jax.parity import bench_parity_speed
 
     _require("torch", "lsd bench parity-speed")

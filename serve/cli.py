@@ -50,7 +50,7 @@ def _add_model_source(parser: argparse.ArgumentParser, *, artifact: bool = True)
 
 
 def _engine(args, max_steps: int | None = None):
-    from lsd_jax.cli import config_from_args
+    from lsd_jax.args import config_from_args
     from serve.engine import load_engine
 
     cfg = None
@@ -77,7 +77,7 @@ def _run_export(args) -> int:
     import os
     import time
 
-    from lsd_jax.cli import config_from_args
+    from lsd_jax.args import config_from_args
     from lsd_jax.resolve import resolve_model
     from serve.export import load_artifact, save_artifact
 

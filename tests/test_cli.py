@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from lsd_jax.cli import main, resolve_config
-from lsd_jax.config import ConfigError, load_config
+from lsd_jax.cli import main
+from lsd_jax.config import ConfigError, load_config, resolve_config
 from lsd_jax.flops import frame_pass_flops, streamed_frame_flops
 
 

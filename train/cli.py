@@ -74,7 +74,7 @@ def _distributed_args(args) -> dict | None:
 def _run_train(args: argparse.Namespace) -> int:
     import jax
 
-    from lsd_jax.cli import config_from_args
+    from lsd_jax.args import config_from_args
     from lsd_jax.config import ConfigError
 
     if args.devices is not None:
@@ -123,7 +123,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_bench_train(args: argparse.Namespace) -> int:
-    from lsd_jax.cli import config_from_args
+    from lsd_jax.args import config_from_args
     from train.bench import bench_train
 
     result = bench_train(config_from_args(args), steps=args.steps, warmup=args.warmup)
