@@ -5,8 +5,9 @@ A codec turns uint8 RGB frames `[..., H, W, 3]` (the stream's pixels) into the m
 streaming step; the shape and dtype checks are on static shapes, so they also run at trace time.
 
 - `PixelCodec`: the model space is the pixel grid itself, RGB mapped to `[-1, 1]` (small configs).
-- `oasis_vae`: the Oasis ViT-VAE (360x640 frames -> 16x18x32 latents), `lsd_jax.vae.VAECodec`,
-  loaded from a checkpoint written by `lsd convert oasis` (`make_codec(cfg, checkpoint)`).
+- `oasis_vae`: the Oasis ViT-VAE (360x640 frames -> 16x18x32 latents), `VAECodec` over
+  `lsd_jax.vae.OasisVAE`, loaded from a checkpoint written by `lsd convert oasis`
+  (`make_codec(cfg, checkpoint)`).
 
 `resize_and_crop` fits a camera or video frame of any size to the codec's frame size on the host.
 """
@@ -82,15 +83,58 @@ class PixelCodec:
         return jnp.clip(levels, 0, 255).astype(jnp.uint8)
 
 
-def make_codec(cfg: Config, checkpoint=None) -> PixelCodec:
+class VAECodec:
+    """The `oasis_vae` codec: uint8 `[..., H, W, 3]` <-> scaled latents `[..., gh, gw, c]`.
+
+    Same interface as `PixelCodec` (`frame_hw`, `frame_shape`, `latent_shape`,
+    `encode`, `decode`, pure `jnp`); `decode` maps `[-1, 1]` to uint8 by rounding and clipping.
+    """
+
+    name = "oasis_vae"
+
+    def __init__(self, vae):  # lsd_jax.vae.OasisVAE
+        self.vae = vae
+        self.cfg = vae.cfg
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return self.cfg.frame_height, self.cfg.frame_width
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return (*self.frame_hw, 3)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (*self.cfg.grid, self.cfg.latent_dim)
+
+    def encode(self, frames_uint8):
+        check_frames(frames_uint8, self.frame_hw)
+        lead = frames_uint8.shape[:-3]
+        x = jnp.asarray(frames_uint8, jnp.float32).reshape(-1, *self.frame_shape) / 127.5 - 1.0
+        return (self.vae.encode(x) * self.cfg.scaling_factor).reshape(*lead, *self.latent_shape)
+
+    def decode(self, latent):
+        lead = latent.shape[:-3]
+        z = jnp.asarray(latent, jnp.float32).reshape(-1, *self.latent_shape)
+        x = self.vae.decode(z / self.cfg.scaling_factor).reshape(*lead, *self.frame_shape)
+        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def load_codec(directory) -> VAECodec:
+    """The `oasis_vae` codec of a checkpoint directory written by `lsd convert oasis`."""
+    from lsd_jax.vae import load_vae
+
+    return VAECodec(load_vae(directory))
+
+
+def make_codec(cfg: Config, checkpoint=None) -> PixelCodec | VAECodec:
     """The codec `cfg.codec` names, sized for `cfg.model`. `oasis_vae` is the ViT-VAE stored in
-    the model checkpoint directory `checkpoint` by `lsd convert oasis` (`lsd_jax.vae.VAECodec`)."""
+    the model checkpoint directory `checkpoint` by `lsd convert oasis` (`VAECodec`)."""
     if cfg.codec == "pixel":
         return PixelCodec(cfg.model.frame_height, cfg.model.frame_width)
     if cfg.codec == "oasis_vae":
         if checkpoint is not None:
-            from lsd_jax.vae import load_codec
-
             return load_codec(checkpoint)
         raise CodecUnavailableError(
             "codec 'oasis_vae' (the Oasis ViT-VAE: 360x640 frames -> 16x18x32 latents) needs the "

@@ -186,7 +186,7 @@ def generate(cfg: Config, model, codec, start_frames_thwc: np.ndarray, actions_t
     if actions_tx.shape != (num_frames, cfg.model.external_cond_dim):
         raise ConfigError(f"actions are {'x'.join(map(str, actions_tx.shape))}, expected "
                           f"{num_frames}x{cfg.model.external_cond_dim}")
-    from lsd_jax.vae import VAECodec
+    from lsd_jax.codec import VAECodec
 
     # The VAE's weights go in as arguments, not as constants baked into the compiled code.
     graphdef, vae_state = nnx.split(codec.vae)

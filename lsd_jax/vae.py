@@ -37,7 +37,6 @@ from flax import nnx
 
 from lsd_jax import rope
 from lsd_jax.checkpoint import restore_params
-from lsd_jax.codec import check_frames
 from lsd_jax.config import CheckpointError, ConfigError
 
 
@@ -180,44 +179,6 @@ class OasisVAE(nnx.Module):
         return out.reshape(b, gh * p, gw * p, 3)
 
 
-class VAECodec:
-    """The `oasis_vae` codec: uint8 `[..., H, W, 3]` <-> scaled latents `[..., gh, gw, c]`.
-
-    Same interface as `lsd_jax.codec.PixelCodec` (`frame_hw`, `frame_shape`, `latent_shape`,
-    `encode`, `decode`, pure `jnp`); `decode` maps `[-1, 1]` to uint8 by rounding and clipping.
-    """
-
-    name = "oasis_vae"
-
-    def __init__(self, vae: OasisVAE):
-        self.vae = vae
-        self.cfg = vae.cfg
-
-    @property
-    def frame_hw(self) -> tuple[int, int]:
-        return self.cfg.frame_height, self.cfg.frame_width
-
-    @property
-    def frame_shape(self) -> tuple[int, int, int]:
-        return (*self.frame_hw, 3)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (*self.cfg.grid, self.cfg.latent_dim)
-
-    def encode(self, frames_uint8):
-        check_frames(frames_uint8, self.frame_hw)
-        lead = frames_uint8.shape[:-3]
-        x = jnp.asarray(frames_uint8, jnp.float32).reshape(-1, *self.frame_shape) / 127.5 - 1.0
-        return (self.vae.encode(x) * self.cfg.scaling_factor).reshape(*lead, *self.latent_shape)
-
-    def decode(self, latent):
-        lead = latent.shape[:-3]
-        z = jnp.asarray(latent, jnp.float32).reshape(-1, *self.latent_shape)
-        x = self.vae.decode(z / self.cfg.scaling_factor).reshape(*lead, *self.frame_shape)
-        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
 VAE_FORMAT = "lsd-jax-vae"
 
 
@@ -248,8 +209,3 @@ def load_vae(directory: str | Path) -> OasisVAE:
     abstract = nnx.eval_shape(lambda: OasisVAE(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     return nnx.merge(graphdef, restore_params(directory / "vae", abstract_params, "vae.json"))
-
-
-def load_codec(directory: str | Path) -> VAECodec:
-    """The `oasis_vae` codec of a checkpoint directory written by `lsd convert oasis`."""
-    return VAECodec(load_vae(directory))

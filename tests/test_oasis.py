@@ -184,7 +184,8 @@ def test_convert_names_a_renamed_key(capsys, tmp_path, weight_files):
 
 def test_full_size_vae_codec_shapes():
     """vit-l-20 from shapes only: 360x640 uint8 frames <-> 18x32x16 latents."""
-    from lsd_jax.vae import OasisVAE, VAECodec, VAEConfig
+    from lsd_jax.codec import VAECodec
+    from lsd_jax.vae import OasisVAE, VAEConfig
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: OasisVAE(VAEConfig(), rngs=nnx.Rngs(0))))
     codec = lambda s: VAECodec(nnx.merge(graphdef, s))  # noqa: E731
