@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lsd_jax import rope
-from lsd_jax.config import Config, dtype_of
+from lsd_jax.config import MAX_SAMPLE_STEPS, Config, dtype_of
 from lsd_jax.diffusion import initial_noise, make_process
 from lsd_jax.model import StreamContext
 from lsd_jax.stream_state import StreamState
@@ -80,8 +80,8 @@ def write_cache(cfg: Config, state: StreamState, k_lbkne, v_lbkne) -> StreamStat
 def _schedule(cfg: Config, steps: int | None):
     process = make_process(cfg.diffusion)
     steps = cfg.diffusion.sample_steps if steps is None else steps
-    if not 1 <= steps <= 128:
-        raise ValueError(f"steps={steps}, expected 1..128 denoising steps per frame")
+    if not 1 <= steps <= MAX_SAMPLE_STEPS:
+        raise ValueError(f"steps={steps}, expected 1..{MAX_SAMPLE_STEPS} denoising steps per frame")
     levels, step_sizes = process.sampling_schedule(steps)
     return process, np.asarray(levels, np.float32), np.asarray(step_sizes, np.float32)
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from serve.engine import Engine
-from serve.server import BackgroundServer, ServerOptions, _jpeg
+from serve.server import BackgroundServer, ServerOptions, encode_jpeg
 
 
 def _frame_pool(engine: Engine, count: int = 16, seed: int = 0) -> list[np.ndarray]:
@@ -89,7 +89,7 @@ def bench_serve(engine: Engine, *, sessions=(1, 2, 4), frames: int = 200, steps:
                 warmup: int = 10) -> dict:
     """End-to-end frame latency and aggregate FPS through the server, per session count."""
     steps = engine.max_steps if steps is None else steps
-    jpegs = [_jpeg(f) for f in _frame_pool(engine)]
+    jpegs = [encode_jpeg(f) for f in _frame_pool(engine)]
     runs = []
     with BackgroundServer(engine, ServerOptions(max_sessions=max(sessions),
                                                         precompile=True)) as server:

@@ -182,7 +182,7 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
     return None if frame_bgr is None else cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
 
 
-def _jpeg(frame_hwc: np.ndarray) -> bytes:
+def encode_jpeg(frame_hwc: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame_hwc, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     assert ok, "OpenCV failed to encode a uint8 RGB frame as JPEG"
@@ -337,7 +337,7 @@ class FrameLoop:
         self.rng = state.rng
         new_rows = split_sessions(state, real)
         step_s = time.perf_counter() - t0
-        return new_rows, [_jpeg(out_bhwc[i]) for i in range(real)], step_s
+        return new_rows, [encode_jpeg(out_bhwc[i]) for i in range(real)], step_s
 
 
 # ----------------------------------------------------------------------------- the application

@@ -20,7 +20,7 @@ from conftest import REPO_ROOT
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
 from serve.engine import model_engine
-from serve.server import BackgroundServer, ServerOptions, _jpeg
+from serve.server import BackgroundServer, ServerOptions, encode_jpeg
 
 TIMEOUT_S = 60  # a first frame compiles the step; on a loaded 2-core machine that takes seconds
 # A small model of the tiny config's frame size: each compile of a (batch, steps) variant is short.
@@ -72,7 +72,7 @@ class Client:
 
     async def frame(self, frame_hwc: np.ndarray) -> tuple[dict, np.ndarray]:
         """Send one frame, return its output's metadata and pixels."""
-        await self.ws.send_bytes(_jpeg(frame_hwc))
+        await self.ws.send_bytes(encode_jpeg(frame_hwc))
         return await self.output()
 
     async def output(self) -> tuple[dict, np.ndarray]:
@@ -92,7 +92,7 @@ def test_one_session_equals_the_step_with_prompt_switch_and_reset(engine):
     a session's outputs equal the engine's own batch-1 stream fed the same decoded frames, with a
     prompt switch at frame 5 and a reset at frame 9 (12 frames: the 3-frame cache wraps 4 times)."""
     frames = random_frames(12, seed=1)
-    seen = [decode(_jpeg(f)) for f in frames]  # what the server decodes
+    seen = [decode(encode_jpeg(f)) for f in frames]  # what the server decodes
 
     async def client(url):
         async with aiohttp.ClientSession() as http:
@@ -121,7 +121,7 @@ def test_one_session_equals_the_step_with_prompt_switch_and_reset(engine):
             state = state._replace(num_valid=state.num_valid.at[0].set(0))
         prompt = "pencil sketch" if i < 5 else "thermal camera"
         state, ref = engine.step(state, frame[None], engine.encode_prompts([prompt]), 2)
-        want, got = decode(_jpeg(np.asarray(ref[0]))), outs[i]
+        want, got = decode(encode_jpeg(np.asarray(ref[0]))), outs[i]
         # The server's cache rows are rolled, so attention sums run in another order: a float
         # rounding can move a pixel by one level before JPEG; nothing larger.
         diff = np.abs(want.astype(int) - got.astype(int))
@@ -161,8 +161,8 @@ def test_bad_inputs_answered_and_both_sessions_still_served(engine):
     only the sender's connection (1009)."""
     limit = 64 * 1024
     frame = random_frames(1, seed=3)[0]
-    wrong_size = _jpeg(random_frames(1, seed=4, hw=(48, 80))[0])
-    corrupt = _jpeg(frame)[:200] + bytes(range(256)) * 4
+    wrong_size = encode_jpeg(random_frames(1, seed=4, hw=(48, 80))[0])
+    corrupt = encode_jpeg(frame)[:200] + bytes(range(256)) * 4
     bad = [
         ("bytes", corrupt, "bad_jpeg"),
         ("bytes", b"\x89PNG\r\n\x1a\n" + bytes(100), "bad_jpeg"),
@@ -236,7 +236,7 @@ def test_latest_frame_wins_limits_token_origin_health_metrics(engine):
             assert refused.close_code == 1013
             await a.frame(frames[0])  # compiled; now flood
             for f in frames[1:]:
-                await a.ws.send_bytes(_jpeg(f))
+                await a.ws.send_bytes(encode_jpeg(f))
             last_seq = 0
             while last_seq < len(frames):
                 meta, _ = await a.output()
