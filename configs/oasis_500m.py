@@ -1,4 +1,5 @@
-"""oasis_500m: exactly the Oasis-500M DiT (OASIS.md): 16x18x32 latents, patch 2, 16 blocks of 1024.
+"""oasis_500m: exactly the Oasis-500M DiT (docs/OASIS.md): 16x18x32 latents, patch 2,
+16 blocks of 1024.
 
 Action-conditioned (25-dim external vector per frame), no input-frame channels, no prompt, no step
 size; DDPM v-prediction with the sigmoid schedule, stabilisation level 15 (context labelled t=14),

@@ -1,4 +1,4 @@
-"""Frames <-> model space (DESIGN.md section 5): one interface for every codec.
+"""Frames <-> model space (docs/DESIGN.md section 5): one interface for every codec.
 
 A codec turns uint8 RGB frames `[..., H, W, 3]` (the stream's pixels) into the model's frame space
 `[..., h, w, c]` float32 and back. `encode`/`decode` are pure `jnp`, so they run inside the jitted

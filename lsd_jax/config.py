@@ -53,7 +53,7 @@ def dtype_of(name: str):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The causal spatio-temporal DiT (DESIGN.md section 2).
+    """The causal spatio-temporal DiT (docs/DESIGN.md section 2).
 
     A frame in model space is `[frame_height, frame_width, channels]` (NHWC); the live input frame,
     in the same space, is concatenated channel-wise (`cond_channels`, 0 turns it off).
@@ -83,7 +83,7 @@ class ModelConfig:
     use_step_size: bool = True
     prompt_dim: int = 0
     external_cond_dim: int = 0
-    # Conventions (the Oasis ones are the defaults; see OASIS.md).
+    # Conventions (the Oasis ones are the defaults; see docs/OASIS.md).
     rope_interleaved: bool = True
     gelu_approximate: bool = True
     norm_eps: float = 1e-6
@@ -155,7 +155,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HistoryAugConfig:
-    """Corruptions applied to history frames during training (DESIGN.md section 3).
+    """Corruptions applied to history frames during training (docs/DESIGN.md section 3).
 
     Each kind is a switch; `prob` is the chance that a history frame is corrupted at all, and a
     corrupted frame gets one kind drawn uniformly among the enabled ones with a random strength
@@ -190,7 +190,7 @@ NOISE_SAMPLERS = ("independent", "clip", "history_low")
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-    """Diffusion process, training objective and sampling (DESIGN.md sections 3 and 4).
+    """Diffusion process, training objective and sampling (docs/DESIGN.md sections 3 and 4).
 
     Noise levels are in the process's own units: `t in [0, 1]` for rectified flow (1 = noise), the
     integer timestep 0..num_timesteps-1 for DDPM.
@@ -253,7 +253,7 @@ class DiffusionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training clips (DESIGN.md section 6, `train/data.py`).
+    """Training clips (docs/DESIGN.md section 6, `train/data.py`).
 
     `source`: "procedural" (scikit-image photographs moved by random camera paths, with sprites;
     nothing to download) or "video_folder" (every video file under `video_dir`, decoded with

@@ -6,7 +6,7 @@
     state_dict = load_state_dict(path)                  # .safetensors, or a torch .pt/.pth/.bin
     save_safetensors(path, state_dict)
 
-Layout rules (OASIS.md): a torch Linear weight is `(out, in)`, our kernel `(in, out)`; a Conv2d
+Layout rules (docs/OASIS.md): a torch Linear weight is `(out, in)`, our kernel `(in, out)`; a Conv2d
 patch embed weight `(O, I, kh, kw)` is our kernel `(kh * kw * I, O)` in patch order `(p, q, c)`;
 LayerNorm `weight` is our `scale`; our per-layer parameters are stacked on a leading axis, so
 `blocks.N.s_*` <-> `blocks.spatial.*[N]`, `blocks.N.t_*` <-> `blocks.temporal.*[N]` (and

@@ -190,7 +190,7 @@ def sigmoid_alphas_cumprod(num_timesteps: int, start: float, end: float, tau: fl
 
 
 class DDPMV(Process):
-    """DDPM with v-prediction and deterministic DDIM sampling, as Oasis (OASIS.md).
+    """DDPM with v-prediction and deterministic DDIM sampling, as Oasis (docs/OASIS.md).
 
     `x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`, `v = sqrt(abar) eps - sqrt(1 - abar) x0`; integer
     levels index `alphas_cumprod`; a negative level means `abar = 1` (clean).

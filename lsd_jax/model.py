@@ -1,4 +1,4 @@
-"""Causal spatio-temporal DiT (DESIGN.md section 2), Flax NNX.
+"""Causal spatio-temporal DiT (docs/DESIGN.md section 2), Flax NNX.
 
 Shapes: `b` batch, `t` frames, `h, w, c` a frame in model space (NHWC), `n` tokens per frame,
 `d` hidden size, `l` layers, `s` cached history frames (window - 1), `k` attention heads,

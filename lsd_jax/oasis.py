@@ -1,4 +1,4 @@
-"""Oasis-500M as an action-conditioned world model (OASIS.md "Sampling loop"), two named modes.
+"""Oasis-500M as an action-conditioned world model (docs/OASIS.md "Sampling loop"), two named modes.
 
     frames = generate(cfg, model, codec, start_frames_thwc, actions_tx, num_frames,
                       mode="recompute", seed=0)

@@ -1,4 +1,4 @@
-"""Training objectives as swappable functions (shortcut-models style), DESIGN.md section 3.
+"""Training objectives as swappable functions (shortcut-models style), docs/DESIGN.md section 3.
 
 In:  a batch of clips (`target` [B,T,H,W,C] clean model-space frames, optional `cond`
      [B,T,H,W,C_cond], `prompt` [B,P], `external` [B,T,E]), a `Process`, the config and a model.

@@ -1,4 +1,4 @@
-"""Prompt encoders (DESIGN.md section 5): a prompt string -> a float32 vector `[prompt_dim]`.
+"""Prompt encoders (docs/DESIGN.md section 5): a prompt string -> a float32 vector `[prompt_dim]`.
 
 The model owns a learned Linear from `prompt_dim` to its hidden size, so a fixed encoder here plus
 that projection is a prompt embedding learned with the model. Encoders are pluggable

@@ -1,4 +1,4 @@
-"""Rotary position embeddings with the Oasis frequencies (OASIS.md), for any head dim.
+"""Rotary position embeddings with the Oasis frequencies (docs/OASIS.md), for any head dim.
 
 Angles are per rotated pair: `[..., head_dim / 2]`. With `interleaved=True` (Oasis, GPT-J style)
 pair `i` is head dims `(2i, 2i+1)`; with `interleaved=False` (NeoX style) it is

@@ -1,4 +1,4 @@
-"""The streaming step (DESIGN.md section 4): one jitted call per frame, state donated.
+"""The streaming step (docs/DESIGN.md section 4): one jitted call per frame, state donated.
 
     state = init_stream(cfg, batch, rng)
     step = make_step(cfg, graphdef)                 # jax.jit, compiles once

@@ -1,4 +1,4 @@
-"""The Oasis ViT-VAE (`vit-l-20`, OASIS.md) in Flax NNX, and the frame codec built on it.
+"""The Oasis ViT-VAE (`vit-l-20`, docs/OASIS.md) in Flax NNX, and the frame codec built on it.
 
     vae = OasisVAE(VAEConfig(), rngs=nnx.Rngs(0))
     mean_bhwc = vae.encode(frames_bhwc)      # [-1, 1] RGB [b, 360, 640, 3] -> [b, 18, 32, 16]
@@ -12,7 +12,7 @@ mean is returned, tokens row-major as `[gh, gw, latent_dim]`. Decode: `post_quan
 and `proj`, non-causal, axial RoPE on the first half of each head (the rest passes through),
 MLP `fc1`, exact GELU, `fc2`. Blocks are stacked (leading layer axis) and run with `lax.scan`.
 
-RoPE rule (OASIS.md gives the full-size values; small test VAEs follow the same rule): a rotary
+RoPE rule (docs/OASIS.md gives the full-size values; small test VAEs follow the same rule): a rotary
 "pixel" embedding of dim `head_dim / 4` with `max_freq = grid_h * grid_w`, i.e. `head_dim / 8`
 frequencies `linspace(1, grid_h * grid_w / 2, head_dim / 8) * pi`; rows on head dims
 `[0, head_dim/4)`, columns on `[head_dim/4, head_dim/2)`, interleaved pairs. For vit-l-20:

@@ -1,4 +1,4 @@
-"""Fused kernels that `lsd_jax` can switch to by config (DESIGN.md section 7).
+"""Fused kernels that `lsd_jax` can switch to by config (docs/DESIGN.md section 7).
 
 The place for Pallas kernels of the hot paths (temporal attention over the ring-buffer cache,
 spatial flash attention, fused LayerNorm + adaLN modulate) and jax-triton kernels where Triton is

@@ -1,4 +1,4 @@
-"""Serving (DESIGN.md section 4): checkpoint -> jitted (and `jax.export`-ed) streaming step ->
+"""Serving (docs/DESIGN.md section 4): checkpoint -> jitted (and `jax.export`-ed) streaming step ->
 frame loop.
 
 - `export`: the `.lsdx` artifact (serialized `jax.export` steps lowered for cpu, cuda and tpu,

@@ -1,4 +1,5 @@
-"""The exported streaming step (DESIGN.md section 4): one `.lsdx` file, loadable without model code.
+"""The exported streaming step (docs/DESIGN.md section 4): one `.lsdx` file, loadable without
+model code.
 
     save_artifact(path, cfg, graphdef, params, batches=(1,), steps=(3,), platforms=("cpu",))
     artifact = load_artifact(path)

@@ -38,7 +38,7 @@ def random_state_dict(shapes: dict, seed: int = 0) -> dict:
 
 
 def test_oasis_500m_key_layout():
-    """The exact OASIS.md keys and shapes, and 607,943,744 trained parameters (+ 48 rotary)."""
+    """The exact docs/OASIS.md keys and shapes, and 607,943,744 trained parameters (+ 48 rotary)."""
     shapes = dit_torch_shapes(load_config(CONFIGS / "oasis_500m.py").model)
     assert len(shapes) == 2 + 4 + 2 + 16 * 2 * 9 + 4
     assert sum(math.prod(s) for s in shapes.values()) == 607_943_792 - 48

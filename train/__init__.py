@@ -1,4 +1,4 @@
-"""Training at scale (DESIGN.md section 6).
+"""Training at scale (docs/DESIGN.md section 6).
 
 Turns video clips into a checkpoint: a grain input pipeline (folders of video files decoded with
 OpenCV, and procedural sources that need no download) with a paired-task layer producing

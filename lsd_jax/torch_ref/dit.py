@@ -1,4 +1,5 @@
-"""The causal spatio-temporal DiT in PyTorch, written from OASIS.md and DESIGN.md section 2.
+"""The causal spatio-temporal DiT in PyTorch, written from docs/OASIS.md and docs/DESIGN.md
+section 2.
 
 Same function as `lsd_jax.model.DiT` for every `ModelConfig` option, with Oasis's module names, so
 an Oasis-500M state dict loads into `TorchDiT(configs/oasis_500m)` as published:

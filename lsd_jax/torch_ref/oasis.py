@@ -1,4 +1,4 @@
-"""Oasis's sampling loop (its `generate.py`, OASIS.md "Sampling loop") in PyTorch, formula for
+"""Oasis's sampling loop (its `generate.py`, docs/OASIS.md "Sampling loop") in PyTorch, formula for
 formula, on the torch reference DiT: the check that `lsd_jax.oasis` mode "recompute" is exact."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Oasis ViT-VAE in PyTorch, written from OASIS.md, with Oasis's state-dict names:
+"""The Oasis ViT-VAE in PyTorch, written from docs/OASIS.md, with Oasis's state-dict names:
 
     patch_embed.proj (Conv2d 3 -> enc_dim, kernel = stride = patch)
     encoder.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}   enc_norm   quant_conv
