@@ -24,10 +24,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from lsd_jax import parity_cli
 from lsd_jax.args import config_from_args, int_in, int_list, step_count
 from lsd_jax.codec import CodecUnavailableError, FrameError
 from lsd_jax.config import CheckpointError, Config, ConfigError
+from lsd_jax.interop import parity_cli
 from lsd_jax.prompt import PromptError
 from lsd_jax.video import VideoWriteError
 from serve import cli as serve_cli

@@ -11,7 +11,7 @@ from conftest import CONFIGS
 from flax import nnx
 
 from lsd_jax.config import load_config
-from lsd_jax.convert import (
+from lsd_jax.interop.convert import (
     ConversionError,
     dit_from_torch,
     dit_to_torch,
@@ -143,8 +143,8 @@ def test_safetensors_written_by_torch_loads(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from lsd_jax.convert import load_state_dict, save_safetensors
-    from lsd_jax.torch_ref.dit import TorchDiT
+    from lsd_jax.interop.convert import load_state_dict, save_safetensors
+    from lsd_jax.interop.torch_ref.dit import TorchDiT
 
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS).model
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_safetensors_written_by_torch_loads(tmp_path):
 
 def test_renamed_key_in_a_file_fails_with_its_name(tmp_path):
     pytest.importorskip("safetensors")
-    from lsd_jax.convert import load_state_dict, save_safetensors
+    from lsd_jax.interop.convert import load_state_dict, save_safetensors
 
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS).model
     state_dict = random_state_dict(dit_torch_shapes(cfg))

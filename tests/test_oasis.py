@@ -14,7 +14,7 @@ from conftest import CONFIGS, rel_err
 from flax import nnx
 
 from lsd_jax.config import ConfigError, load_config
-from lsd_jax.oasis import (
+from lsd_jax.interop.oasis import (
     load_actions,
     load_start_frames,
     sample_banded_cache,
@@ -28,9 +28,9 @@ SMALL_OASIS = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "mo
 
 @pytest.fixture(scope="module")
 def world():
-    from lsd_jax.convert import dit_from_torch, dit_torch_shapes
+    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes
+    from lsd_jax.interop.parity import random_state_dict
     from lsd_jax.model import model_from_params
-    from lsd_jax.parity import random_state_dict
 
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS)
     model = model_from_params(cfg.model, dit_from_torch(
@@ -86,8 +86,8 @@ def test_recompute_is_oasis_loop(world):
     """Mode "recompute" against Oasis's own sampling loop (torch, formula for formula) with the
     window sliding twice."""
     torch = pytest.importorskip("torch")
-    from lsd_jax.parity import build_pair, frame_noise
-    from lsd_jax.torch_ref.oasis import oasis_sample
+    from lsd_jax.interop.parity import build_pair, frame_noise
+    from lsd_jax.interop.torch_ref.oasis import oasis_sample
 
     cfg, model, start, actions = world
     torch.set_num_threads(1)
@@ -113,9 +113,9 @@ SMALL_VAE = ["vae.frame_height=36", "vae.frame_width=64", "vae.patch_size=2", "v
 def weight_files(tmp_path_factory):
     """Small random Oasis-layout DiT and VAE files (with a rotary entry Oasis files may hold)."""
     pytest.importorskip("safetensors")
-    from lsd_jax.convert import dit_torch_shapes, save_safetensors, vae_torch_shapes
-    from lsd_jax.parity import random_state_dict
-    from lsd_jax.parity_cli import vae_config
+    from lsd_jax.interop.convert import dit_torch_shapes, save_safetensors, vae_torch_shapes
+    from lsd_jax.interop.parity import random_state_dict
+    from lsd_jax.interop.parity_cli import vae_config
 
     root = tmp_path_factory.mktemp("oasis_files")
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS)
@@ -169,7 +169,7 @@ def test_convert_then_run_both_modes(capsys, tmp_path, weight_files):
 
 
 def test_convert_names_a_renamed_key(capsys, tmp_path, weight_files):
-    from lsd_jax.convert import load_state_dict, save_safetensors
+    from lsd_jax.interop.convert import load_state_dict, save_safetensors
 
     state_dict = load_state_dict(weight_files / "dit.safetensors")
     state_dict["blocks.1.s_attn.qkv.weight"] = state_dict.pop("blocks.1.s_attn.to_qkv.weight")

@@ -1,4 +1,5 @@
-"""The JAX model against the PyTorch reference (`lsd_jax.torch_ref`), same weights, same inputs.
+"""The JAX model against the PyTorch reference (`lsd_jax.interop.torch_ref`), same weights, same
+inputs.
 
 A small Oasis-shaped config (depth 2, hidden 128, 4 heads, 18x32x16 latents in patches of 2: the
 9x16 token grid; 25 action entries; DDPM-v with 3 DDIM steps; window 4 so the band is crossed),
@@ -18,8 +19,8 @@ torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
 from conftest import CONFIGS  # noqa: E402
 
-from lsd_jax import parity  # noqa: E402
 from lsd_jax.config import load_config  # noqa: E402
+from lsd_jax.interop import parity  # noqa: E402
 
 SMALL_OASIS = ["model.depth=2", "model.hidden_size=128", "model.num_heads=4", "model.window=4",
                "diffusion.sample_steps=3"]
@@ -134,8 +135,8 @@ def test_frame_noise_is_what_the_jax_step_draws(oasis_cfg):
 
 
 def test_vae_encode_decode():
-    from lsd_jax.convert import vae_from_params, vae_from_torch
-    from lsd_jax.torch_ref.vae import TorchVAE
+    from lsd_jax.interop.convert import vae_from_params, vae_from_torch
+    from lsd_jax.interop.torch_ref.vae import TorchVAE
     from lsd_jax.vae import VAEConfig
 
     cfg = VAEConfig(frame_height=36, frame_width=64, patch_size=2, enc_dim=64, enc_depth=2,
@@ -176,7 +177,7 @@ def test_parity_command(capsys, tmp_path):
     from safetensors.torch import save_file
 
     from lsd_jax.cli import main
-    from lsd_jax.torch_ref.dit import TorchDiT
+    from lsd_jax.interop.torch_ref.dit import TorchDiT
 
     cfg = load_config(CONFIGS / "tiny.py", ALL_OPTIONS)
     torch.manual_seed(1)

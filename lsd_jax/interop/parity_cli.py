@@ -67,7 +67,7 @@ def _run_convert_oasis(args: argparse.Namespace) -> int:
 
     from lsd_jax.checkpoint import save_model
     from lsd_jax.config import ConfigError, load_config, resolve_config
-    from lsd_jax.convert import (
+    from lsd_jax.interop.convert import (
         IGNORED_SUFFIX,
         dit_from_torch,
         load_state_dict,
@@ -117,7 +117,7 @@ def _run_convert_oasis(args: argparse.Namespace) -> int:
 
 def _run_parity(args: argparse.Namespace) -> int:
     from lsd_jax.args import config_from_args
-    from lsd_jax.parity import build_pair, run_parity
+    from lsd_jax.interop.parity import build_pair, run_parity
 
     _require("torch", "lsd parity")
     cfg = config_from_args(args)
@@ -142,7 +142,7 @@ def _run_parity(args: argparse.Namespace) -> int:
 
 def _run_bench_parity_speed(args: argparse.Namespace) -> int:
     from lsd_jax.args import config_from_args
-    from lsd_jax.parity import bench_parity_speed
+    from lsd_jax.interop.parity import bench_parity_speed
 
     _require("torch", "lsd bench parity-speed")
     cfg = config_from_args(args)
@@ -173,7 +173,7 @@ def _run_bench_parity_speed(args: argparse.Namespace) -> int:
 def _run_oasis(args: argparse.Namespace) -> int:
     from lsd_jax.checkpoint import load_model
     from lsd_jax.codec import make_codec
-    from lsd_jax.oasis import generate, load_actions, load_start_frames, write_video
+    from lsd_jax.interop.oasis import generate, load_actions, load_start_frames, write_video
 
     cfg, model = load_model(args.checkpoint, args.overrides)
     codec = make_codec(cfg, args.checkpoint)

@@ -87,9 +87,9 @@ def build_pair(cfg: Config, torch_checkpoint: str | Path | None = None, seed: in
     ones (`random_state_dict`)."""
     import torch
 
-    from lsd_jax.convert import dit_from_torch, dit_torch_shapes, load_state_dict, to_numpy
+    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes, load_state_dict, to_numpy
+    from lsd_jax.interop.torch_ref.dit import TorchDiT
     from lsd_jax.model import model_from_params
-    from lsd_jax.torch_ref.dit import TorchDiT
 
     if torch_checkpoint is None:
         state_dict = random_state_dict(dit_torch_shapes(cfg.model), seed, gain)
@@ -173,8 +173,8 @@ def check_forward(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -
 
 def check_trajectory(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 1,
                      frames: int | None = None) -> CheckResult:
+    from lsd_jax.interop.torch_ref.diffusion import reference_sample as torch_reference_sample
     from lsd_jax.streaming import reference_sample
-    from lsd_jax.torch_ref.diffusion import reference_sample as torch_reference_sample
 
     frames = cfg.model.window + 1 if frames is None else frames
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, frames)
@@ -200,8 +200,8 @@ def loss_config(cfg: Config) -> Config:
 
 def check_loss(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -> CheckResult:
     from lsd_jax.diffusion import make_process
+    from lsd_jax.interop.torch_ref.diffusion import flow_matching_loss
     from lsd_jax.objectives import apply_model, loss_fn, sample_noise_levels
-    from lsd_jax.torch_ref.diffusion import flow_matching_loss
 
     cfg = loss_config(cfg)
     process = make_process(cfg.diffusion)
@@ -230,8 +230,8 @@ def check_loss(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -> C
 
 def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
                     frames: int | None = None) -> CheckResult:
+    from lsd_jax.interop.torch_ref import streaming as torch_streaming
     from lsd_jax.streaming import init_stream, make_latent_step
-    from lsd_jax.torch_ref import streaming as torch_streaming
 
     frames = 3 * cfg.model.window if frames is None else frames
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, frames)
@@ -291,8 +291,8 @@ def bench_parity_speed(cfg: Config, *, frames: int = 50, warmup: int = 5, batch:
 
     import torch
 
+    from lsd_jax.interop.torch_ref import streaming as torch_streaming
     from lsd_jax.streaming import init_stream, make_latent_step
-    from lsd_jax.torch_ref import streaming as torch_streaming
 
     threads = os.cpu_count() if threads is None else threads
     torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ Frames are NHWC model-space tensors `[..., H, W, C]` as in the JAX code (Oasis's
 is `x.permute(0, 1, 3, 4, 2)` of it), so the same arrays feed both implementations.
 """
 
-from lsd_jax.torch_ref.dit import TorchDiT
-from lsd_jax.torch_ref.vae import TorchVAE
+from lsd_jax.interop.torch_ref.dit import TorchDiT
+from lsd_jax.interop.torch_ref.vae import TorchVAE
 
 __all__ = ["TorchDiT", "TorchVAE"]

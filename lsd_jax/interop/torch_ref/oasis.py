@@ -1,11 +1,12 @@
 """Oasis's sampling loop (its `generate.py`, docs/OASIS.md "Sampling loop") in PyTorch, formula for
-formula, on the torch reference DiT: the check that `lsd_jax.oasis` mode "recompute" is exact."""
+formula, on the torch reference DiT: the check that `lsd_jax.interop.oasis` mode "recompute" is
+exact."""
 
 from __future__ import annotations
 
 import torch
 
-from lsd_jax.torch_ref.diffusion import TorchProcess
+from lsd_jax.interop.torch_ref.diffusion import TorchProcess
 
 
 @torch.no_grad()

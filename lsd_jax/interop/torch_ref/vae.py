@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsd_jax.torch_ref.dit import axial_angles, rotate
+from lsd_jax.interop.torch_ref.dit import axial_angles, rotate
 from lsd_jax.vae import VAEConfig, rope_frequencies
 
 

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from lsd_jax.torch_ref.diffusion import TorchProcess, context_frame
-from lsd_jax.torch_ref.dit import TorchDiT, rotate
+from lsd_jax.interop.torch_ref.diffusion import TorchProcess, context_frame
+from lsd_jax.interop.torch_ref.dit import TorchDiT, rotate
 
 
 class TorchStreamState(NamedTuple):
