@@ -1,35 +1,17 @@
-"""demo: the tiny model (configs/tiny.py) with the training recipe of the built-in demo weights.
+"""demo: the recipe of the built-in demo weights (`lsd_jax/demo_model/`, see its TRAINING.md for
+the exact command, steps and time): `configs/tiny_pixel.py`, the tiny DiT with the full-resolution
+pixel path, a colour map, the few-step input scale and MiniLM prompts (the shipped weights were
+trained under that name).
 
-The weights shipped in `lsd_jax/demo_model/` were made by (one CPU core, about 85 minutes):
-
-    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 0 \
-        lsd train --config configs/demo.py --workdir runs/demo
-
-and the two ablations of EVAL.md by the same command with, respectively,
-
-    diffusion.history_aug.enabled=false train.steps=1000   (no history augmentation)
-    diffusion.noise_sampler=clip train.steps=1000          (one noise level per clip, no DF)
-
-The learning rate is constant after warm-up, so the main run's step-1000 checkpoint is the same
-training as a 1000-step ablation except for the ablated piece. `--resume` continues an
-interrupted run from its newest checkpoint.
+    lsd bench step --config configs/demo.py       # the streaming step the demo model runs
+    lsd info --config demo
 """
 
 import dataclasses
 
-from configs import tiny
-from lsd_jax.config import Config, TrainConfig
+from configs import tiny_pixel
+from lsd_jax.config import Config
 
 
 def get_config() -> Config:
-    base = tiny.get_config()
-    return dataclasses.replace(
-        base,
-        name="demo",
-        diffusion=dataclasses.replace(base.diffusion, prediction="x0"),
-        train=TrainConfig(
-            steps=1500, batch_size=4, lr=6e-4, warmup_steps=200, final_lr_fraction=1.0,
-            weight_decay=0.01, grad_clip=1.0, ema_decay=0.998, save_every=250, keep=10,
-            log_every=10, sample_every=500, seed=0,
-        ),
-    )
+    return dataclasses.replace(tiny_pixel.get_config(), name="demo")

@@ -1,7 +1,7 @@
 """tiny_pixel: the tiny DiT with the full-resolution pixel path, MiniLM prompts and the few-step
 recipe chosen by the recipe search of EVAL.md (validation split, equal steps).
 
-Changes from `configs/demo.py` (the recipe of the shipped demo weights), each a config option:
+Changes from `configs/tiny_dit.py` (the plain tiny DiT recipe), each a config option:
 `model.pixel_channels=32` (3x3 convolutions at 64x64 around the DiT: stem on the input frame,
 modulated head adding a pixel-resolution correction), `model.color_map=quadratic` (a per-frame
 colour map of the input frame made from the prompt), `diffusion.input_scale=signal` (the
@@ -23,12 +23,12 @@ time budget of this 2-core CPU (`lsd bench step --config configs/tiny_pixel.py`)
 
 import dataclasses
 
-from configs import demo
+from configs import tiny_dit
 from lsd_jax.config import Config, PromptConfig
 
 
 def get_config() -> Config:
-    base = demo.get_config()
+    base = tiny_dit.get_config()
     return dataclasses.replace(
         base,
         name="tiny_pixel",

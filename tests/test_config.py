@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from configs import demo, lsd_base, mid, oasis_500m, tiny, tiny_pixel
+from configs import demo, lsd_base, mid, oasis_500m, tiny, tiny_dit, tiny_pixel
 from lsd_jax.config import (
     Config,
     ConfigError,
@@ -18,7 +18,7 @@ from lsd_jax.config import (
 )
 
 CONFIG_MODULES = {"tiny": tiny, "mid": mid, "lsd_base": lsd_base, "oasis_500m": oasis_500m,
-                  "demo": demo, "tiny_pixel": tiny_pixel}
+                  "demo": demo, "tiny_dit": tiny_dit, "tiny_pixel": tiny_pixel}
 
 
 def test_nested_overrides_set_the_field(tiny_cfg):

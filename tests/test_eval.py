@@ -85,7 +85,7 @@ def test_validation_and_heldout_clips_are_not_training_clips():
     for split in ("heldout", "validation"):
         _, _, cond, target, prompts = evaluate.heldout_pairs(cfg, clips=3, frames=8,
                                                              tasks="sepia", split=split)
-        assert cond.shape == (3, 8, 64, 64, 3) and prompts.shape == (3, 64)
+        assert cond.shape == (3, 8, 64, 64, 3) and prompts.shape == (3, cfg.model.prompt_dim)
         for clip in cond:
             assert all(np.abs(clip.astype(int) - c).mean() > 5 for c in train_clips)
     with pytest.raises(ConfigError, match="'test'"):

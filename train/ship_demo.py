@@ -126,9 +126,9 @@ EVAL.md (`lsd eval`). Loss curve: `loss.png`.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, type=Path)
-    parser.add_argument("--command", default="XLA_FLAGS=--xla_cpu_multi_thread_eigen=false "
-                                              "taskset -c 0 lsd train --config configs/demo.py "
-                                              "--workdir runs/demo")
+    parser.add_argument("--command", default="lsd train --config configs/tiny_pixel.py "
+                                              "--workdir runs/tiny_pixel",
+                        help="the command that trained the run, written into TRAINING.md")
     args = parser.parse_args(argv)
     try:
         dest = ship(args.workdir, args.command)
