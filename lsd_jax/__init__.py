@@ -15,7 +15,8 @@ A causal video DiT that turns a live stream into a restyled stream, one frame at
 - `flops`: analytic and compiled-HLO FLOP counts; `bench`: the step benchmark; `cli`: `lsd`.
 """
 
-from lsd_jax.config import Config, ConfigError, load_config
+from lsd_jax.config import Config, load_config
+from lsd_jax.errors import ConfigError
 
 __version__ = "0.1.0"
 

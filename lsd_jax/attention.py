@@ -29,7 +29,7 @@ def get_attention(name: str) -> AttentionFn:
     if name not in _REGISTRY and name.startswith("pallas"):
         import pallas_kernels  # noqa: F401  (registers its kernels on import)
     if name not in _REGISTRY:
-        from lsd_jax.config import ConfigError
+        from lsd_jax.errors import ConfigError
 
         raise ConfigError(f"model.attention_impl={name!r} is not one of "
                           f"{', '.join(map(repr, sorted(_REGISTRY)))}")

@@ -27,21 +27,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lsd_jax.config import (
-    CheckpointError,
-    Config,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    to_dict,
-)
+from lsd_jax.config import Config, apply_overrides, from_dict, to_dict
+from lsd_jax.errors import CheckpointError, ConfigError, PromptError
 from lsd_jax.model import DiT, abstract_model, model_from_params
-from lsd_jax.prompt import (
-    PromptError,
-    check_encoder_record,
-    encoder_record,
-    legacy_encoder_record,
-)
+from lsd_jax.prompt import check_encoder_record, encoder_record, legacy_encoder_record
 
 __all__ = ["CheckpointError", "load_config_from", "load_model", "save_model"]
 

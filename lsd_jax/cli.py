@@ -25,21 +25,15 @@ import sys
 from collections.abc import Callable
 
 from lsd_jax.args import config_from_args, int_in, int_list, step_count
-from lsd_jax.codec import CodecUnavailableError, FrameError
-from lsd_jax.config import CheckpointError, Config, ConfigError
+from lsd_jax.config import Config
+from lsd_jax.errors import USER_ERRORS
 from lsd_jax.interop import parity_cli
-from lsd_jax.prompt import PromptError
-from lsd_jax.video import VideoWriteError
 from serve import cli as serve_cli
 from train import cli as train_cli
 
 # The modules whose `register(commands, add_command, bench)` adds their commands.
 COMMAND_MODULES = (parity_cli, train_cli, serve_cli)
 
-# Errors caused by what the user asked for, reported as one line; anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ConfigError, CheckpointError, FrameError, PromptError, CodecUnavailableError,
-               FileNotFoundError, VideoWriteError)
 
 
 # ----------------------------------------------------------------------------- output

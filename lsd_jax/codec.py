@@ -19,14 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsd_jax.config import Config
-
-
-class FrameError(ValueError):
-    """A frame of the wrong shape or dtype; the message names what it is and what was expected."""
-
-
-class CodecUnavailableError(NotImplementedError):
-    """A codec the config names that cannot be built here (e.g. it needs converted weights)."""
+from lsd_jax.errors import CodecUnavailableError, FrameError
 
 
 def _describe(shape, dtype) -> str:

@@ -16,13 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A bad config value, key or file; the message names it and what is expected."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or artifact that is missing, incomplete, or of another format or version."""
+from lsd_jax.errors import ConfigError
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

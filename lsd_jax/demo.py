@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lsd_jax.config import CheckpointError
+from lsd_jax.errors import CheckpointError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 

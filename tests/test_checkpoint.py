@@ -9,8 +9,9 @@ import pytest
 from conftest import CONFIGS
 from flax import nnx
 
-from lsd_jax.checkpoint import CheckpointError, load_model, save_model
+from lsd_jax.checkpoint import load_model, save_model
 from lsd_jax.config import load_config
+from lsd_jax.errors import CheckpointError
 from lsd_jax.model import DiT, randomize
 
 SMALL = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",

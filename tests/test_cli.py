@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from lsd_jax.cli import main
-from lsd_jax.config import ConfigError, load_config, resolve_config
+from lsd_jax.config import load_config, resolve_config
+from lsd_jax.errors import ConfigError
 from lsd_jax.flops import frame_pass_flops, streamed_frame_flops
 
 

@@ -12,21 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from lsd_jax.codec import (
-    CodecUnavailableError,
-    FrameError,
-    PixelCodec,
-    check_frames,
-    make_codec,
-    resize_and_crop,
-)
+from lsd_jax.codec import PixelCodec, check_frames, make_codec, resize_and_crop
 from lsd_jax.config import apply_overrides
-from lsd_jax.prompt import (
-    HashedPromptEncoder,
-    PrecomputedPromptEncoder,
-    PromptError,
-    make_prompt_encoder,
-)
+from lsd_jax.errors import CodecUnavailableError, FrameError, PromptError
+from lsd_jax.prompt import HashedPromptEncoder, PrecomputedPromptEncoder, make_prompt_encoder
 
 # ----------------------------------------------------------------------------- codec
 

@@ -7,15 +7,8 @@ import dataclasses
 import pytest
 
 from configs import demo, lsd_base, mid, oasis_500m, tiny, tiny_dit, tiny_pixel
-from lsd_jax.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_config,
-    override,
-    to_dict,
-)
+from lsd_jax.config import Config, apply_overrides, from_dict, load_config, override, to_dict
+from lsd_jax.errors import ConfigError
 
 CONFIG_MODULES = {"tiny": tiny, "mid": mid, "lsd_base": lsd_base, "oasis_500m": oasis_500m,
                   "demo": demo, "tiny_dit": tiny_dit, "tiny_pixel": tiny_pixel}

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from lsd_jax.codec import resize_and_crop
-from lsd_jax.config import ConfigError, load_config
+from lsd_jax.config import load_config
+from lsd_jax.errors import ConfigError
 from train import data, tasks
 
 SMALL = ["model.frame_height=32", "model.frame_width=32", "data.clip_frames=4",

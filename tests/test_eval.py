@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from lsd_jax.config import CheckpointError, ConfigError, load_config
+from lsd_jax.config import load_config
+from lsd_jax.errors import CheckpointError, ConfigError
 from train import eval_report, evaluate
 from train.tasks import TASK_NAMES
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from flax import nnx
 
-from lsd_jax.config import ConfigError, load_config
+from lsd_jax.config import load_config
+from lsd_jax.errors import ConfigError
 from lsd_jax.prompt import make_prompt_encoder
 from lsd_jax.resolve import untrained_model
 from train import evaluate

@@ -16,9 +16,10 @@ from conftest import REPO_ROOT
 from flax import nnx
 
 from lsd_jax.config import load_config
+from lsd_jax.errors import ArtifactError
 from lsd_jax.resolve import untrained_model
 from lsd_jax.streaming import init_stream, make_step
-from serve.export import MAGIC, ArtifactError, load_artifact, save_artifact
+from serve.export import MAGIC, load_artifact, save_artifact
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,21 @@ from scipy.special import erf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from lsd_jax import minilm_files
-from lsd_jax.checkpoint import CheckpointError, load_model, save_model
-from lsd_jax.config import ConfigError, load_config
+from lsd_jax.checkpoint import load_model, save_model
+from lsd_jax.config import load_config
+from lsd_jax.errors import ArtifactError, CheckpointError, ConfigError, PromptError
 from lsd_jax.minilm import BertConfig, MiniLMPromptEncoder, minilm_from_tensors
 from lsd_jax.model import DiT, randomize
 from lsd_jax.prompt import (
     HASHED_ID,
     HashedPromptEncoder,
     PromptEncoder,
-    PromptError,
     cosine_similarity,
     encoder_record,
     make_prompt_encoder,
     nearest_prompt,
 )
-from serve.export import Artifact, ArtifactError, prompt_handling
+from serve.export import Artifact, prompt_handling
 from train.tasks import TASKS
 
 SMALL_BERT = BertConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,

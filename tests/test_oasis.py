@@ -13,7 +13,8 @@ import pytest
 from conftest import CONFIGS, rel_err
 from flax import nnx
 
-from lsd_jax.config import ConfigError, load_config
+from lsd_jax.config import load_config
+from lsd_jax.errors import ConfigError
 from lsd_jax.interop.oasis import (
     load_actions,
     load_start_frames,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lsd_jax.cli import main
-from serve.stream import StreamInputError, demo_clip, parse_prompt_schedule, prompt_at
+from lsd_jax.errors import StreamInputError
+from serve.stream import demo_clip, parse_prompt_schedule, prompt_at
 
 
 def read_video(path) -> list[np.ndarray]:

@@ -114,7 +114,7 @@ def test_reset_one_stream():
 def test_pixel_step_and_bad_frames():
     """The jitted uint8 step: right shapes work; a wrong frame or prompt is a clear error and the
     stream state survives it."""
-    from lsd_jax.codec import FrameError
+    from lsd_jax.errors import FrameError
     from lsd_jax.streaming import make_step
 
     cfg, model, _, _, prompt, _ = setup(())

@@ -94,7 +94,7 @@ def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path
     """`python -m train.ship_demo` copies the run's model with its trained prompts, and writes
     TRAINING.md with the recipe, the parameter count and the steps; an unfinished run is refused."""
     from lsd_jax.checkpoint import load_model, load_trained_prompts
-    from lsd_jax.config import CheckpointError
+    from lsd_jax.errors import CheckpointError
     from train.ship_demo import ship
     from train.tasks import TASKS
 
@@ -216,7 +216,7 @@ def test_eval_loads_the_ema_of_a_training_step(uninterrupted):
     a step that was not saved is an error naming the steps there are."""
     from flax import nnx
 
-    from lsd_jax.config import CheckpointError
+    from lsd_jax.errors import CheckpointError
     from train.evaluate import resolve_model
 
     model = resolve_model(f"ema10={uninterrupted}@10")

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lsd_jax.video import Mp4Writer, VideoWriteError
+from lsd_jax.errors import VideoWriteError
+from lsd_jax.video import Mp4Writer
 
 UNWRITABLE = "/sys/lsd_video_test.mp4"  # not even root may create files under /sys
 
@@ -112,7 +113,8 @@ def test_bad_size_or_rate(tmp_path):
 
 def test_stream_output_that_cannot_be_written_is_a_stream_error():
     """`lsd stream` turns the writer's error into its own one-line error, before any step runs."""
-    from serve.stream import StreamInputError, run_stream
+    from lsd_jax.errors import StreamInputError
+    from serve.stream import run_stream
 
     engine = types.SimpleNamespace(max_steps=1, steps=(1,), frame_hw=(16, 16), describe="none")
     with pytest.raises(StreamInputError) as info:

@@ -64,7 +64,7 @@ def _distributed_args(args) -> dict | None:
     count = args.num_processes or env.get("JAX_NUM_PROCESSES")
     pid = args.process_id if args.process_id is not None else env.get("JAX_PROCESS_ID")
     if count is None or pid is None:
-        from lsd_jax.config import ConfigError
+        from lsd_jax.errors import ConfigError
 
         raise ConfigError(f"coordinator {address!r} given without the process count and id "
                           "(--num-processes/--process-id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
@@ -75,7 +75,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import jax
 
     from lsd_jax.args import config_from_args
-    from lsd_jax.config import ConfigError
+    from lsd_jax.errors import ConfigError
 
     if args.devices is not None:
         # Before the backend starts: simulated CPU devices for compiling without the hardware.
@@ -204,7 +204,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from lsd_jax.config import ConfigError
+    from lsd_jax.errors import ConfigError
     from train import eval_report, evaluate
 
     specs = args.checkpoint or ["demo"]

@@ -29,7 +29,8 @@ import grain
 import numpy as np
 
 from lsd_jax.codec import resize_and_crop
-from lsd_jax.config import Config, ConfigError
+from lsd_jax.config import Config
+from lsd_jax.errors import ConfigError, DataError, DataWarning
 from lsd_jax.prompt import make_prompt_encoder
 from train.tasks import select_tasks
 
@@ -47,12 +48,6 @@ SPLITS = ("train", "heldout")
 ENDLESS = 2**62
 
 
-class DataError(ConfigError):
-    """Data that cannot make clips: an empty folder, a video shorter than a clip."""
-
-
-class DataWarning(UserWarning):
-    """A video file skipped because it cannot be read."""
 
 
 # ----------------------------------------------------------------------------- procedural

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from lsd_jax.config import ConfigError
+from lsd_jax.errors import ConfigError
 from lsd_jax.progress import progress_bar
 
 

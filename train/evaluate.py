@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lsd_jax.config import CheckpointError, Config, ConfigError
+from lsd_jax.config import Config
+from lsd_jax.errors import CheckpointError, ConfigError
 from lsd_jax.progress import progress_bar
 
 QUALITY_STEPS = (1, 2, 3, 4, 8, 12)

@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lsd_jax.config import ConfigError, MeshConfig
+from lsd_jax.config import MeshConfig
+from lsd_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lsd_jax.checkpoint import load_config_from
-from lsd_jax.config import CheckpointError
 from lsd_jax.demo import DEMO_MODEL_DIR
+from lsd_jax.errors import CheckpointError
 
 MAX_BYTES = 20 * 2**20
 

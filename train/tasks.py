@@ -18,7 +18,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from lsd_jax.config import ConfigError
+from lsd_jax.errors import ConfigError
 
 
 class Task(NamedTuple):

@@ -37,8 +37,9 @@ from flax import nnx
 
 from lsd_jax import objectives
 from lsd_jax.checkpoint import save_model
-from lsd_jax.config import CheckpointError, Config, ConfigError
+from lsd_jax.config import Config
 from lsd_jax.diffusion import make_process
+from lsd_jax.errors import CheckpointError, ConfigError
 from lsd_jax.model import DiT, abstract_model, model_from_params
 from train import sharding, tasks
 

@@ -27,13 +27,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lsd_jax.config import CheckpointError, ModelConfig
+from lsd_jax.config import ModelConfig
+from lsd_jax.errors import ConversionError
 
 IGNORED_SUFFIX = "rotary_emb.freqs"
-
-
-class ConversionError(CheckpointError):
-    """A state dict that does not fit the model: the message names the key and the shapes."""
 
 
 # ----------------------------------------------------------------------------- key tables

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsd_jax.codec import FrameError, resize_and_crop
-from lsd_jax.config import Config, ConfigError
+from lsd_jax.codec import resize_and_crop
+from lsd_jax.config import Config
 from lsd_jax.diffusion import initial_noise, make_process
+from lsd_jax.errors import ConfigError, FrameError
 from lsd_jax.model import jitted_apply
 
 MODES = ("recompute", "banded-cache")

@@ -23,7 +23,7 @@ def _require(module: str, command: str) -> None:
     """A one-line error, not a traceback, when the torch extra is not installed."""
     import importlib.util
 
-    from lsd_jax.config import ConfigError
+    from lsd_jax.errors import ConfigError
 
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"{command} needs {module!r}, which is not installed: "
@@ -42,7 +42,7 @@ def _print_rows(rows):
 def vae_config(overrides):
     """A `VAEConfig` from `vae.FIELD=value` overrides, all set at once (so the order of e.g.
     `vae.frame_height` and `vae.patch_size` does not matter)."""
-    from lsd_jax.config import ConfigError
+    from lsd_jax.errors import ConfigError
     from lsd_jax.vae import VAEConfig
 
     defaults = dataclasses.asdict(VAEConfig())
@@ -66,7 +66,8 @@ def _run_convert_oasis(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from lsd_jax.checkpoint import save_model
-    from lsd_jax.config import ConfigError, load_config, resolve_config
+    from lsd_jax.config import load_config, resolve_config
+    from lsd_jax.errors import ConfigError
     from lsd_jax.interop.convert import (
         IGNORED_SUFFIX,
         dit_from_torch,
