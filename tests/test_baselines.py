@@ -47,7 +47,8 @@ def test_fitted_baselines_on_validation_clips_match_the_tasks():
     is not a colour map at all."""
     cfg = load_config("configs/demo.py")
     fits = baselines.fit_baselines(cfg, "negative,sepia,pencil_sketch")
-    from train.evaluate import clip_psnr, heldout_pairs
+    from train.eval_data import heldout_pairs
+    from train.evaluate import clip_psnr
 
     names, _, cond, target, _ = heldout_pairs(cfg, clips=1, frames=4, tasks=
                                               "negative,sepia,pencil_sketch")

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.errors import CheckpointError, ConfigError
-from train import eval_report, evaluate
+from train import eval_data, eval_report, evaluate
 from train.tasks import TASK_NAMES
 
 
@@ -43,7 +43,7 @@ def test_psnr_and_flicker_match_their_formulas():
 
 def test_endless_path_is_periodic_smooth_and_heldout():
     cfg = load_config("configs/tiny.py")
-    path = evaluate.EndlessPath(cfg, seed=3, period=120)
+    path = eval_data.EndlessPath(cfg, seed=3, period=120)
     frames = np.stack([path.frame(i) for i in range(121)])
     assert frames.shape == (121, 64, 64, 3) and frames.dtype == np.uint8
     np.testing.assert_array_equal(frames[0], frames[120])
@@ -54,7 +54,7 @@ def test_endless_path_is_periodic_smooth_and_heldout():
     far = np.abs(frames[0].astype(np.int32) - frames[60]).mean()
     assert steps.min() > 0.5 and steps.max() < far / 2
     with pytest.raises(ConfigError, match="period=4"):
-        evaluate.EndlessPath(cfg, period=4)
+        eval_data.EndlessPath(cfg, period=4)
 
 
 def test_task_streams_frame_by_frame_equal_the_clip_tasks():
@@ -63,7 +63,7 @@ def test_task_streams_frame_by_frame_equal_the_clip_tasks():
     from train.tasks import TASKS, task_named
 
     cfg = load_config("configs/tiny.py")
-    path = evaluate.EndlessPath(cfg, seed=1, period=50)
+    path = eval_data.EndlessPath(cfg, seed=1, period=50)
     clip = np.stack([path.frame(i) for i in range(12)])
     trails = task_named("motion_trails").stream()
     np.testing.assert_array_equal(np.stack([trails(f) for f in clip]),
@@ -84,13 +84,13 @@ def test_validation_and_heldout_clips_are_not_training_clips():
     training = ProceduralClips(8, 64, 64, seed=cfg.data.shuffle_seed, split="train")
     train_clips = [training[i] for i in range(6)]
     for split in ("heldout", "validation"):
-        _, _, cond, target, prompts = evaluate.heldout_pairs(cfg, clips=3, frames=8,
+        _, _, cond, target, prompts = eval_data.heldout_pairs(cfg, clips=3, frames=8,
                                                              tasks="sepia", split=split)
         assert cond.shape == (3, 8, 64, 64, 3) and prompts.shape == (3, cfg.model.prompt_dim)
         for clip in cond:
             assert all(np.abs(clip.astype(int) - c).mean() > 5 for c in train_clips)
     with pytest.raises(ConfigError, match="'test'"):
-        evaluate.heldout_pairs(cfg, clips=1, frames=8, split="test")
+        eval_data.heldout_pairs(cfg, clips=1, frames=8, split="test")
 
 
 def test_model_spec_errors_name_the_spec(tmp_path):
@@ -165,7 +165,7 @@ def test_demo_model_three_steps_match_twelve(demo_quality):
 def test_demo_model_follows_the_prompt(demo):
     """The same held-out clips streamed under swapped prompts: each output is far closer to the
     target of the prompt it was given than to the other one."""
-    names, prompts, cond, target, prompt_bp = evaluate.heldout_pairs(
+    names, prompts, cond, target, prompt_bp = eval_data.heldout_pairs(
         demo.cfg, clips=1, frames=8, tasks="sepia,negative")
     swapped = prompt_bp[::-1].copy()
     out = evaluate.stream_batch(demo, cond, swapped, steps=3)

@@ -10,7 +10,7 @@ from lsd_jax.config import load_config
 from lsd_jax.errors import ConfigError
 from lsd_jax.prompt import make_prompt_encoder
 from lsd_jax.resolve import untrained_model
-from train import evaluate
+from train import eval_data, evaluate
 from train.eval_paraphrase import evaluate_paraphrases, paraphrase_markdown
 from train.tasks import PARAPHRASES, TASK_NAMES
 
@@ -27,7 +27,7 @@ def test_paraphrase_rows_and_margins():
     model = _model([])
     result = evaluate_paraphrases(model, steps=1, clips=1, frames=3, progress=False)
     assert list(result["tasks"]) == list(TASK_NAMES)
-    names, _, cond, target, _ = evaluate.heldout_pairs(model.cfg, clips=1, frames=3)
+    names, _, cond, target, _ = eval_data.heldout_pairs(model.cfg, clips=1, frames=3)
     row = result["tasks"]["sepia"]["paraphrases"][1]
     assert row["prompt"] == PARAPHRASES["sepia"][1]
     # The same row streamed alone: its PSNR against every task's target, the margin over the

@@ -53,7 +53,7 @@ def apply_color_map(coef: np.ndarray, cond: np.ndarray, kind: str) -> np.ndarray
 
 def fit_baselines(cfg: Config, tasks: str = "all") -> dict[str, dict[str, np.ndarray]]:
     """`{task: {kind: coef}}`: every colour map fitted on the task's validation clips."""
-    from train.evaluate import heldout_pairs
+    from train.eval_data import heldout_pairs
 
     names, _, cond, target, _ = heldout_pairs(cfg, clips=FIT_CLIPS, frames=FIT_FRAMES,
                                               seed=FIT_SEED, tasks=tasks, split="validation")

@@ -24,7 +24,8 @@ def evaluate_paraphrases(model, *, steps: int = 3, clips: int = 2, frames: int =
     `frames` frames at `steps` steps); `"min_margin"` over all paraphrases and `"all_closer"`
     (every paraphrase margin > 0)."""
     from lsd_jax.prompt import make_prompt_encoder
-    from train.evaluate import clip_psnr, heldout_pairs, stream_batch
+    from train.eval_data import heldout_pairs
+    from train.evaluate import clip_psnr, stream_batch
     from train.tasks import PARAPHRASES, TASKS
 
     encoder = make_prompt_encoder(model.cfg)
