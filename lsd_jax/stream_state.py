@@ -6,12 +6,14 @@ outside this module uses its fields by name.
 
 A server keeps each client's history on its own as a `SessionCache` and runs the clients that have
 a frame together: `stack_sessions` makes one `StreamState` of them, the step runs, and
-`split_sessions` gives each its cache back. This module needs JAX only (an exported step runs
-without the model code).
+`split_sessions` gives each its cache back. `stream_frames` is the one frame-by-frame loop of
+everything that streams a source (a file, an eval clip, a benchmark pool). This module needs JAX
+only (an exported step runs without the model code).
 """
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import NamedTuple
 
@@ -73,3 +75,34 @@ def split_sessions(state: StreamState, rows: int) -> list[SessionCache]:
     session caches again (rolled by one slot so that the next write slot is 0 again)."""
     cache_k, cache_v = (jnp.roll(c, -1, axis=2) for c in (state.cache_k, state.cache_v))
     return [SessionCache(cache_k[:, i], cache_v[:, i], state.num_valid[i]) for i in range(rows)]
+
+
+class Streamed(NamedTuple):
+    """One frame of `stream_frames`: its index, the state after it (donated to the next step:
+    copy it to keep it), the step's output `[b, H, W, 3]` and the step's time in seconds (None
+    when not timed)."""
+
+    index: int
+    state: StreamState
+    out_bhwc: jax.Array
+    seconds: float | None
+
+
+def stream_frames(step, state: StreamState, frames, prompts=None, *, timed: bool = True):
+    """The frame-by-frame loop every streaming consumer runs (`lsd stream`, `lsd eval`,
+    `lsd bench long-stream`): for each item `frame_bhwc` of `frames`, `state, out =
+    step(state, frame_bhwc, prompt_bp)`, yielding a `Streamed` per frame.
+
+    `prompts` is None, one `[b, P]` array for every frame, or a callable `i -> [b, P]`. `timed`
+    blocks on each output and measures the step alone; untimed, the output is yielded as the
+    step returns it, so the caller's host work on frame i overlaps the step of frame i + 1.
+    """
+    for i, frame_bhwc in enumerate(frames):
+        prompt_bp = prompts(i) if callable(prompts) else prompts
+        t0 = time.perf_counter()
+        state, out_bhwc = step(state, frame_bhwc, prompt_bp)
+        seconds = None
+        if timed:
+            out_bhwc = jax.block_until_ready(out_bhwc)
+            seconds = time.perf_counter() - t0
+        yield Streamed(i, state, out_bhwc, seconds)

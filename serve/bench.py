@@ -25,6 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from lsd_jax.stream_state import stream_frames
 from serve.engine import Engine
 from serve.server import BackgroundServer, ServerOptions, encode_jpeg
 
@@ -143,18 +144,20 @@ def bench_long_stream(engine: Engine, *, frames: int = 10_000, steps: int | None
     rss, kept = {}, {}
     bar = Progress(console=Console(stderr=True), refresh_per_second=1, transient=True,
                    disable=not show_progress)
+    def step(state, frames_bhwc, prompt_bp):
+        return engine.step(state, frames_bhwc, prompt_bp, steps)
+
+    pool_frames = (pool[i % len(pool)] for i in range(frames))
     with bar:
-        for i in bar.track(range(frames), description=f"streaming {frames} frames"):
-            if i == 100:
-                kept["early"] = copy(state)
-            t0 = time.perf_counter()
-            state, out = engine.step(state, pool[i % len(pool)], prompt_bp, steps)
-            jax.block_until_ready(out)
-            latencies_s[i] = time.perf_counter() - t0
-            if i == early_from + window - 1:
+        for item in bar.track(stream_frames(step, state, pool_frames, prompt_bp), total=frames,
+                              description=f"streaming {frames} frames"):
+            latencies_s[item.index] = item.seconds
+            if item.index == 99:
+                kept["early"] = copy(item.state)  # the state entering frame 100
+            if item.index == early_from + window - 1:
                 rss["early"] = _rss_mb()
     rss["late"] = _rss_mb()
-    kept["late"] = state
+    kept["late"] = item.state
     paired_s = {"early": [], "late": []}
     for r in range(2 * reps):
         which = ("early", "late")[r % 2]

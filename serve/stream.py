@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import cv2
-import jax
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
 from lsd_jax.codec import resize_and_crop
 from lsd_jax.errors import StreamInputError, VideoWriteError
+from lsd_jax.stream_state import stream_frames
 from lsd_jax.video import Mp4Writer
 
 # Containers OpenCV writes with the mp4v codec.
@@ -125,25 +125,33 @@ def run_stream(engine, source: str, out: str | Path, schedule: list[tuple[int, s
     bar = Progress(console=Console(stderr=True), refresh_per_second=4, transient=True,
                    disable=not show_progress)
     task = bar.add_task(f"{name} -> {out.name}", total=total)
+    shown_input = {}
+
+    def source_frames():
+        while max_frames is None or frames < max_frames:
+            ok, frame_bgr = capture.read()
+            if not ok:
+                return
+            frame_hwc = resize_and_crop(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB), height, width)
+            shown_input["frame"] = frame_hwc
+            yield np.concatenate([frame_hwc[None]] * (1 + pad))
+
+    def step(state, frames_bhwc, prompt_bp):
+        return engine.step(state, frames_bhwc, prompt_bp, steps)
+
+    def prompts(i):
+        return engine.encode_prompts([prompt_at(schedule, i)] * (1 + pad))
+
     start = time.perf_counter()
     try:
         with bar:
-            while max_frames is None or frames < max_frames:
-                ok, frame_bgr = capture.read()
-                if not ok:
-                    break
-                frame_hwc = resize_and_crop(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB),
-                                            height, width)
-                frames_bhwc = np.concatenate([frame_hwc[None]] * (1 + pad))
-                prompt_bp = engine.encode_prompts([prompt_at(schedule, frames)] * (1 + pad))
-                t0 = time.perf_counter()
-                state, out_bhwc = engine.step(state, frames_bhwc, prompt_bp, steps)
-                out_hwc = np.asarray(jax.block_until_ready(out_bhwc))[0]
-                elapsed = time.perf_counter() - t0
+            for item in stream_frames(step, state, source_frames(), prompts):
+                out_hwc = np.asarray(item.out_bhwc)[0]
                 if first_frame_s is None:
-                    first_frame_s = elapsed
+                    first_frame_s = item.seconds
                 else:
-                    latencies_s.append(elapsed)
+                    latencies_s.append(item.seconds)
+                frame_hwc = shown_input["frame"]
                 shown = np.concatenate([frame_hwc, out_hwc], axis=1) if side_by_side else out_hwc
                 video.write(shown)
                 frames += 1

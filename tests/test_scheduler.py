@@ -47,3 +47,24 @@ def test_deadline_picks_the_most_steps_that_fit():
     assert scheduler.choose_steps(1, 3, waited_s=0.100) == 1  # nothing fits: the fewest
     assert scheduler.choose_steps(1, 2, waited_s=0.0) == 2  # never more than requested
     assert StepScheduler((1,), (1, 2, 3)).choose_steps(1, 3, waited_s=1.0) == 3  # no deadline
+
+
+def test_long_stream_bench_windows_and_interleaved_steps():
+    """`lsd bench long-stream` on a small untrained model: the windows around frame 100 and at
+    the end of the stream, and the interleaved steps of the two kept states, all timed."""
+    from lsd_jax.config import load_config
+    from lsd_jax.resolve import untrained_model
+    from serve.bench import bench_long_stream
+    from serve.engine import model_engine
+
+    cfg = load_config("configs/tiny.py", ["model.hidden_size=32", "model.depth=1",
+                                          "model.num_heads=2", "model.window=3"])
+    engine = model_engine(cfg, untrained_model(cfg, seed=1), describe="small", untrained=True,
+                          max_steps=1)
+    result = bench_long_stream(engine, frames=112, steps=1, window=10, reps=2,
+                               show_progress=False)
+    assert result["frames"] == 112 and result["early"]["frames"] == "95..104"
+    assert result["late"]["frames"] == "102..111"
+    assert 0 < result["early"]["ms_p50"] < 10_000 and 0 < result["late"]["ms_p50"] < 10_000
+    assert result["ratio"] > 0 and set(result["interleaved"]) == {
+        "reps", "frame_100_ms_p50", "frame_112_ms_p50"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ import numpy as np
 from lsd_jax.config import Config
 from lsd_jax.errors import CheckpointError, ConfigError
 from lsd_jax.progress import progress_bar
+from lsd_jax.stream_state import stream_frames
 from train.eval_data import EndlessPath, heldout_pairs
 
 QUALITY_STEPS = (1, 2, 3, 4, 8, 12)
@@ -152,11 +154,10 @@ def stream_batch(model: EvalModel, cond_bthwc: np.ndarray, prompt_bp: np.ndarray
 
     step = make_step(model.cfg, model.graphdef, steps=steps)
     batch, frames = cond_bthwc.shape[:2]
-    state = init_stream(model.cfg, batch, seed)
     outs = []
-    for i in range(frames):
-        state, out_bhwc = step(model.state, state, cond_bthwc[:, i], prompt_bp)
-        outs.append(out_bhwc)
+    for item in stream_frames(partial(step, model.state), init_stream(model.cfg, batch, seed),
+                              (cond_bthwc[:, i] for i in range(frames)), prompt_bp, timed=False):
+        outs.append(item.out_bhwc)
         if on_frame is not None:
             on_frame()
     return np.stack([np.asarray(o) for o in outs], axis=1)
@@ -287,15 +288,21 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
             if j in keep:
                 kept[j] = (frame, out_np, target)
 
-        for i in range(frames):
-            frame = path.frame(i)
-            target = target_of(frame)
-            state, out = step(model.state, state, frame[None], prompt_bp)
+        current = {}
+
+        def path_frames():
+            for i in range(frames):
+                frame = path.frame(i)
+                current["frame"], current["target"] = frame, target_of(frame)
+                yield frame[None]
+
+        for item in stream_frames(partial(step, model.state), state, path_frames(), prompt_bp,
+                                  timed=False):
             if pending is not None:
                 finish(*pending)
-            pending = (i, out, target, frame)
-            if i == 0:
-                out.block_until_ready()
+            pending = (item.index, item.out_bhwc, current["target"], current["frame"])
+            if item.index == 0:
+                item.out_bhwc.block_until_ready()
                 t0 = time.perf_counter()  # frame 0 compiled the step: time the others
             tracker.advance()
         finish(*pending)
