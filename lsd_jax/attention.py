@@ -1,39 +1,56 @@
-"""Attention implementations selectable by config (`model.attention_impl`).
+"""The attention seam (docs/DESIGN.md section 7): entry points that carry the structure of each
+attention the model runs, never a dense mask, selected by `model.attention_impl` from the kernel
+table (`lsd_jax.kernels`).
 
-Every implementation has the signature
+An implementation is an `AttentionImpl` of three functions. Arrays are in the model's layout,
+`[b, t, n, heads, e]` (frames, then tokens of a frame, then heads); queries and keys arrive
+**un-rotated** with the rotary angles beside them, so an implementation may rotate inside its
+kernel. Scale is `1/sqrt(e)`; the output has the queries' shape and dtype.
 
-    attend(q_...qhd, k_...khd, v_...khd, mask) -> out_...qhd
+- `spatial(q, k, v, *, angles, interleaved)`: every token attends to every token of its own
+  frame. `angles` `[n, e/2]` float32 are the token grid's 2-D axial angles.
+- `temporal_band(q, k, v, *, window, angles, interleaved)`: each token position attends over the
+  same position in frames `i - window + 1 .. i` (causal, banded). `angles` `[t, e/2]` are the
+  angles of frame positions `0 .. t-1`.
+- `temporal_cache(q, k_new, v_new, cache_k, cache_v, *, age, valid, angles, interleaved)`: one new
+  frame (`q, k_new, v_new` `[b, 1, n, heads, e]`) attends over itself and one layer's ring-buffer
+  cache read in place: `cache_k, cache_v` `[b, s, n, heads, e]` in the cache's dtype, keys
+  un-rotated; `age` int32 `[s]` the age of each slot (1 .. s), `valid` bool `[b, s]` which slots
+  hold each stream's history. `angles` `[window, e/2]` are the angles of window positions
+  `0 .. window-1`: the new frame sits at `window - 1`, a cached frame of age `a` at
+  `window - 1 - a`. Invalid slots are masked out.
 
-with any number of leading batch axes, sequence before heads, and `mask` either None or a boolean
-array broadcastable to `[..., heads, q, k]` (True = may attend). Scale is `1/sqrt(head_dim)`.
-"xla" is the pure-JAX reference (logits and softmax in float32); kernels in `pallas_kernels/`
-register themselves here under their own names, so the model never changes to use them.
+`reference(attend)` builds the three from a dense-mask core
+`attend(q_...qhd, k_...khd, v_...khd, mask) -> out_...qhd` (any leading axes, mask None or boolean
+broadcastable to `[..., heads, q, k]`): it rotates, joins the cache and the new frame, and builds
+the masks. "xla" is that around `xla_attention` (float32 logits and softmax) and is the reference
+every other implementation is tested against; "jax_nn" is that around
+`jax.nn.dot_product_attention`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-AttentionFn = Callable[..., jnp.ndarray]
-_REGISTRY: dict[str, AttentionFn] = {}
+from lsd_jax import rope
 
 
-def register(name: str, fn: AttentionFn) -> None:
-    _REGISTRY[name] = fn
+class AttentionImpl(NamedTuple):
+    spatial: Callable[..., jnp.ndarray]
+    temporal_band: Callable[..., jnp.ndarray]
+    temporal_cache: Callable[..., jnp.ndarray]
 
 
-def get_attention(name: str) -> AttentionFn:
-    if name not in _REGISTRY and name.startswith("pallas"):
-        import pallas_kernels  # noqa: F401  (registers its kernels on import)
-    if name not in _REGISTRY:
-        from lsd_jax.errors import ConfigError
+def get_attention(name: str, *, dtype: str | None = None,
+                  platform: str | None = None) -> AttentionImpl:
+    """The implementation `model.attention_impl = name` (`kernels.select`)."""
+    from lsd_jax.kernels import select
 
-        raise ConfigError(f"model.attention_impl={name!r} is not one of "
-                          f"{', '.join(map(repr, sorted(_REGISTRY)))}")
-    return _REGISTRY[name]
+    return select("attention", name, dtype=dtype, platform=platform)
 
 
 def xla_attention(q, k, v, mask=None):
@@ -56,5 +73,46 @@ def jax_nn_attention(q, k, v, mask=None):
     return out.reshape(*lead, *out.shape[-3:])
 
 
-register("xla", xla_attention)
-register("jax_nn", jax_nn_attention)
+def band_mask(num_frames: int, window: int) -> jnp.ndarray:
+    """bool `[t, t]`: query frame `i` may attend to key frame `j` when `0 <= i - j < window`."""
+    pos_t = jnp.arange(num_frames)
+    offset_tt = pos_t[:, None] - pos_t[None, :]
+    return (offset_tt >= 0) & (offset_tt < window)
+
+
+def reference(attend) -> AttentionImpl:
+    """The three entry points around the dense-mask core `attend` (see the module docstring)."""
+
+    def spatial(q, k, v, *, angles, interleaved):
+        angles_n1e = angles[:, None, :]
+        q = rope.apply_rope(q, angles_n1e, interleaved=interleaved)
+        k = rope.apply_rope(k, angles_n1e, interleaved=interleaved)
+        return attend(q, k, v, None)
+
+    def temporal_band(q, k, v, *, window, angles, interleaved):
+        angles_t11e = angles[:, None, None, :]
+        band_tt = band_mask(q.shape[1], window)
+        # Attend over frames at each token: move tokens ahead of frames.
+        q = rope.apply_rope(q, angles_t11e, interleaved=interleaved).swapaxes(1, 2)
+        k = rope.apply_rope(k, angles_t11e, interleaved=interleaved).swapaxes(1, 2)
+        return attend(q, k, v.swapaxes(1, 2), band_tt).swapaxes(1, 2)
+
+    def temporal_cache(q, k_new, v_new, cache_k, cache_v, *, age, valid, angles, interleaved):
+        new_pos = angles.shape[0] - 1
+        angles_e = angles[new_pos]
+        angles_s11e = angles[new_pos - age][:, None, None, :]
+        q = rope.apply_rope(q, angles_e, interleaved=interleaved)
+        k_new = rope.apply_rope(k_new, angles_e, interleaved=interleaved)
+        k_cache = rope.apply_rope(cache_k, angles_s11e, interleaved=interleaved)
+        k_all = jnp.concatenate([k_cache.astype(k_new.dtype), k_new], axis=1).swapaxes(1, 2)
+        v_all = jnp.concatenate([cache_v.astype(v_new.dtype), v_new], axis=1).swapaxes(1, 2)
+        # [b, 1 query, s + 1 keys], broadcast over tokens and heads.
+        mask_b11qk = jnp.concatenate(
+            [valid, jnp.ones_like(valid[:, :1])], axis=1)[:, None, None, None, :]
+        return attend(q.swapaxes(1, 2), k_all, v_all, mask_b11qk).swapaxes(1, 2)
+
+    return AttentionImpl(spatial, temporal_band, temporal_cache)
+
+
+XLA = reference(xla_attention)
+JAX_NN = reference(jax_nn_attention)

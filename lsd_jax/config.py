@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lsd_jax.errors import ConfigError
+from lsd_jax.kernels import kernel_names
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -84,6 +85,8 @@ class ModelConfig:
     qkv_bias: bool = False
     # Implementation choices that do not change the function computed.
     attention_impl: str = "xla"
+    # The norm seam (LayerNorm + adaLN modulate), by name in lsd_jax/kernels.py.
+    norm_impl: str = "xla"
     scan_layers: bool = True
     remat_policy: str = "none"
     dtype: str = "float32"
@@ -126,6 +129,7 @@ class ModelConfig:
             raise ConfigError(f"model.window={self.window}, expected >= 2 frames (the current "
                               "frame and at least one history frame)")
         _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("model.norm_impl", self.norm_impl, kernel_names("norm"))
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.param_dtype", self.param_dtype, DTYPES)
 

@@ -27,6 +27,7 @@ from flax import nnx
 from lsd_jax import rope
 from lsd_jax.attention import get_attention
 from lsd_jax.config import ModelConfig, dtype_of
+from lsd_jax.norm import NormImpl, get_norm, layer_norm, modulate
 
 # The step-size input is -log2(d) in [0, log2(max_steps)]; scaling it spreads it over the
 # sinusoid's frequencies as the noise-level input (0..1000) is spread.
@@ -110,18 +111,6 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
 
 
-def _layer_norm(x, eps):
-    """Affine-free LayerNorm in float32."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def _modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 # mix(q, k, v) -> attention output, all [b, t, n, heads, head_dim]; k, v are un-rotated.
 Mixer = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -136,13 +125,13 @@ class SubBlock(nnx.Module):
         self.adaLN_modulation = _linear(cfg, cfg.hidden_size, 6 * cfg.hidden_size,
                                         ("embed", "mlp"), rngs=rngs, zero=True)
 
-    def __call__(self, x_btnd, c_btd, mix: Mixer):
+    def __call__(self, x_btnd, c_btd, mix: Mixer, norm: NormImpl):
         mod_bt1d = self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod_bt1d, 6, -1)
-        q, k, v = self.attn.qkv(_modulate(_layer_norm(x_btnd, self.eps), shift_msa, scale_msa))
-        x_btnd = x_btnd + gate_msa * self.attn.out(mix(q, k, v))
-        x_btnd = x_btnd + gate_mlp * self.mlp(
-            _modulate(_layer_norm(x_btnd, self.eps), shift_mlp, scale_mlp))
+        q, k, v = self.attn.qkv(norm.norm_modulate(x_btnd, shift_msa, scale_msa, eps=self.eps))
+        x_btnd, h_btnd = norm.residual_norm_modulate(
+            x_btnd, gate_msa, self.attn.out(mix(q, k, v)), shift_mlp, scale_mlp, eps=self.eps)
+        x_btnd = x_btnd + gate_mlp * self.mlp(h_btnd)
         return x_btnd, (k, v)
 
 
@@ -153,9 +142,9 @@ class Block(nnx.Module):
         self.spatial = SubBlock(cfg, rngs=rngs)
         self.temporal = SubBlock(cfg, rngs=rngs)
 
-    def __call__(self, x_btnd, c_btd, spatial_mix: Mixer, temporal_mix: Mixer):
-        x_btnd, _ = self.spatial(x_btnd, c_btd, spatial_mix)
-        return self.temporal(x_btnd, c_btd, temporal_mix)
+    def __call__(self, x_btnd, c_btd, spatial_mix: Mixer, temporal_mix: Mixer, norm: NormImpl):
+        x_btnd, _ = self.spatial(x_btnd, c_btd, spatial_mix, norm)
+        return self.temporal(x_btnd, c_btd, temporal_mix, norm)
 
 
 class FinalLayer(nnx.Module):
@@ -170,9 +159,9 @@ class FinalLayer(nnx.Module):
         self.linear = _linear(cfg, cfg.hidden_size, p * p * c, ("embed", "patch"), rngs=rngs,
                               zero=True)
 
-    def __call__(self, x_btnd, c_btd):
+    def __call__(self, x_btnd, c_btd, norm: NormImpl):
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :], 2, -1)
-        return self.linear(_modulate(_layer_norm(x_btnd, self.eps), shift, scale))
+        return self.linear(norm.norm_modulate(x_btnd, shift, scale, eps=self.eps))
 
 
 def _conv(cfg: ModelConfig, d_in: int, d_out: int, kernel: int, *, rngs: nnx.Rngs,
@@ -230,9 +219,9 @@ class PixelPath(nnx.Module):
         self.out = _conv(cfg, f, cfg.channels, 1, rngs=rngs, zero=True)
 
     def _block(self, conv, h, shift=None, scale=None):
-        x = _layer_norm(h, self.eps)
+        x = layer_norm(h, self.eps)
         if shift is not None:
-            x = _modulate(x, shift, scale)
+            x = modulate(x, shift, scale)
         return h + _frames_apply(conv, jax.nn.gelu(x, approximate=self.approximate))
 
     def stem_features(self, cond_bthwc):
@@ -250,7 +239,7 @@ class PixelPath(nnx.Module):
             [dit_bthwx, feats_bthwf.astype(dtype), cond_bthwc.astype(dtype)], -1))
         for i, conv in enumerate(self.head):
             h = self._block(conv, h, mods[2 * i], mods[2 * i + 1])
-        x = _modulate(_layer_norm(h, self.eps), mods[-2], mods[-1])
+        x = modulate(layer_norm(h, self.eps), mods[-2], mods[-1])
         out = coarse_bthwc + _frames_apply(self.out, jax.nn.gelu(
             x, approximate=self.approximate)).astype(jnp.float32)
         return out + cond_bthwc.astype(jnp.float32) if self.residual else out
@@ -275,14 +264,14 @@ def num_color_features(channels: int, kind: str) -> int:
 
 
 class StreamContext(NamedTuple):
-    """What one streamed frame's pass reads from the ring-buffer cache (never writes).
+    """What one streamed frame's pass reads from the ring-buffer cache (never writes): the cache
+    as stored, keys un-rotated, with each slot's age and validity. The attention implementation
+    rotates a cached key of age `a` to window position `window - 1 - a`; the new frame sits at
+    `window - 1` (`attention.temporal_cache`)."""
 
-    `k_lbskne` is already rotated to each cached frame's window-relative position
-    (`window - 1 - age`); the new frame sits at position `window - 1`.
-    """
-
-    k_lbskne: jnp.ndarray  # [layers, b, s, n, heads, head_dim]
+    k_lbskne: jnp.ndarray  # [layers, b, s, n, heads, head_dim], un-rotated
     v_lbskne: jnp.ndarray
+    age_s: jnp.ndarray  # int32 [s]: 1 for the slot written last .. s
     valid_bs: jnp.ndarray  # bool [b, s]
 
 
@@ -391,9 +380,9 @@ class DiT(nnx.Module):
         x = out_btnf.reshape(b, t, gh, gw, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(b, t, gh * p, gw * p, c)
 
-    def _output(self, x_btnd, c_btd, feats_bthwf, cond_bthwc):
+    def _output(self, x_btnd, c_btd, feats_bthwf, cond_bthwc, norm: NormImpl):
         """The prediction `[b, t, h, w, C]` float32 from the last hidden states."""
-        out_bthwf = self._unpatchify(self.final_layer(x_btnd, c_btd))
+        out_bthwf = self._unpatchify(self.final_layer(x_btnd, c_btd, norm))
         if self.pixel is None:
             pred = out_bthwf.astype(jnp.float32)
         else:
@@ -408,31 +397,30 @@ class DiT(nnx.Module):
 
     # ------------------------------------------------------------------ blocks
 
-    def _spatial_mix(self) -> Mixer:
+    def _impls(self):
+        """The attention and norm implementations the config selects (docs/DESIGN.md section 7)."""
         cfg = self.cfg
-        attend = get_attention(cfg.attention_impl)
-        angles_ne = rope.spatial_angles(self.spatial_freqs[...], *cfg.grid)[:, None, :]
+        return (get_attention(cfg.attention_impl, dtype=cfg.dtype),
+                get_norm(cfg.norm_impl, dtype=cfg.dtype))
 
-        def mix(q, k, v):
-            q = rope.apply_rope(q, angles_ne, interleaved=cfg.rope_interleaved)
-            k = rope.apply_rope(k, angles_ne, interleaved=cfg.rope_interleaved)
-            return attend(q, k, v, None)
-
-        return mix
-
-    def _run_blocks(self, x_btnd, c_btd, temporal_mix, layer_ctx):
+    def _run_blocks(self, x_btnd, c_btd, temporal_mix, layer_ctx, attention, norm):
         """Run all blocks; `temporal_mix(q, k, v, ctx)` gets this layer's slice of `layer_ctx`.
 
         Returns the final hidden states and the per-layer temporal (k, v), stacked `[layers, ...]`.
         """
         cfg = self.cfg
-        spatial_mix = self._spatial_mix()
+        spatial_angles_ne = rope.spatial_angles(self.spatial_freqs[...], *cfg.grid)
+
+        def spatial_mix(q, k, v):
+            return attention.spatial(q, k, v, angles=spatial_angles_ne,
+                                     interleaved=cfg.rope_interleaved)
+
         graphdef, layers_state = nnx.split(self.blocks)
 
         def body(x, xs):
             layer_state, ctx = xs
             block = nnx.merge(graphdef, layer_state)
-            return block(x, c_btd, spatial_mix, lambda q, k, v: temporal_mix(q, k, v, ctx))
+            return block(x, c_btd, spatial_mix, lambda q, k, v: temporal_mix(q, k, v, ctx), norm)
 
         if cfg.remat_policy != "none":
             body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[cfg.remat_policy])
@@ -451,23 +439,17 @@ class DiT(nnx.Module):
         """Banded causal forward over a whole clip: frame i attends to frames i-window+1 .. i."""
         cfg = self.cfg
         self._check_inputs(x_bthwc, cond_bthwc, step_size_bt, prompt_bp, external_btx)
-        attend = get_attention(cfg.attention_impl)
-        num_frames = x_bthwc.shape[1]
-        pos_t = jnp.arange(num_frames)
-        offset_tt = pos_t[:, None] - pos_t[None, :]
-        band_tt = (offset_tt >= 0) & (offset_tt < cfg.window)
-        angles_te = rope.temporal_angles(self.temporal_freqs[...], pos_t)[:, None, None, :]
+        attention, norm = self._impls()
+        angles_te = rope.temporal_angles(self.temporal_freqs[...], jnp.arange(x_bthwc.shape[1]))
 
         def temporal_mix(q, k, v, _):
-            # Attend over frames at each token: move tokens ahead of frames.
-            q = rope.apply_rope(q, angles_te, interleaved=cfg.rope_interleaved).swapaxes(1, 2)
-            k = rope.apply_rope(k, angles_te, interleaved=cfg.rope_interleaved).swapaxes(1, 2)
-            return attend(q, k, v.swapaxes(1, 2), band_tt).swapaxes(1, 2)
+            return attention.temporal_band(q, k, v, window=cfg.window, angles=angles_te,
+                                           interleaved=cfg.rope_interleaved)
 
         x, feats = self._embed(x_bthwc, cond_bthwc)
         c = self._condition(time_bt, step_size_bt, prompt_bp, external_btx)
-        x, _ = self._run_blocks(x, c, temporal_mix, None)
-        return self._output(x, c, feats, cond_bthwc)
+        x, _ = self._run_blocks(x, c, temporal_mix, None, attention, norm)
+        return self._output(x, c, feats, cond_bthwc, norm)
 
     def stream_pass(self, x_bhwc, time_b, ctx: StreamContext, *, cond_bhwc=None, step_size_b=None,
                     prompt_bp=None, external_bx=None):
@@ -480,26 +462,21 @@ class DiT(nnx.Module):
         add_t = lambda a: None if a is None else a[:, None]  # noqa: E731
         x_bthwc, cond_bthwc = add_t(x_bhwc), add_t(cond_bhwc)
         self._check_inputs(x_bthwc, cond_bthwc, step_size_b, prompt_bp, external_bx)
-        attend = get_attention(cfg.attention_impl)
-        window_pos = cfg.window - 1
-        angles_e = rope.temporal_angles(self.temporal_freqs[...], jnp.asarray(window_pos))
-        # [b, 1 query, s + 1 keys], broadcast over tokens and heads.
-        mask_b11qk = jnp.concatenate(
-            [ctx.valid_bs, jnp.ones_like(ctx.valid_bs[:, :1])], axis=1)[:, None, None, None, :]
+        attention, norm = self._impls()
+        # Angles of window positions 0 .. window-1: the new frame sits at window - 1.
+        angles_we = rope.temporal_angles(self.temporal_freqs[...], jnp.arange(cfg.window))
 
         def temporal_mix(q, k, v, layer_ctx):
             k_cache_bskne, v_cache_bskne = layer_ctx
-            q = rope.apply_rope(q, angles_e, interleaved=cfg.rope_interleaved)
-            k = rope.apply_rope(k, angles_e, interleaved=cfg.rope_interleaved)
-            k_all = jnp.concatenate([k_cache_bskne.astype(k.dtype), k], axis=1).swapaxes(1, 2)
-            v_all = jnp.concatenate([v_cache_bskne.astype(v.dtype), v], axis=1).swapaxes(1, 2)
-            return attend(q.swapaxes(1, 2), k_all, v_all, mask_b11qk).swapaxes(1, 2)
+            return attention.temporal_cache(q, k, v, k_cache_bskne, v_cache_bskne,
+                                            age=ctx.age_s, valid=ctx.valid_bs, angles=angles_we,
+                                            interleaved=cfg.rope_interleaved)
 
         x, feats = self._embed(x_bthwc, cond_bthwc)
         c = self._condition(time_b[:, None], add_t(step_size_b), prompt_bp, add_t(external_bx))
         x, (k_lbtkne, v_lbtkne) = self._run_blocks(
-            x, c, temporal_mix, (ctx.k_lbskne, ctx.v_lbskne))
-        pred_bhwc = self._output(x, c, feats, cond_bthwc)[:, 0]
+            x, c, temporal_mix, (ctx.k_lbskne, ctx.v_lbskne), attention, norm)
+        pred_bhwc = self._output(x, c, feats, cond_bthwc, norm)[:, 0]
         return pred_bhwc, k_lbtkne[:, :, 0], v_lbtkne[:, :, 0]
 
 

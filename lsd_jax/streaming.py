@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsd_jax import rope
 from lsd_jax.config import MAX_SAMPLE_STEPS, Config, dtype_of
 from lsd_jax.diffusion import initial_noise, make_process
 from lsd_jax.model import StreamContext
@@ -53,15 +52,14 @@ def init_stream(cfg: Config, batch: int, rng, start_frame: int = 0) -> StreamSta
 
 
 def read_cache(cfg: Config, state: StreamState) -> StreamContext:
-    """Rotate each cached key to its window-relative position and mark the valid slots."""
+    """The cache as the streamed passes read it: keys as stored (un-rotated), each slot's age and
+    which slots are valid. Rotation by age and masking happen in the attention implementation
+    (`attention.temporal_cache`)."""
     size = cache_size(cfg)
     slots = jnp.arange(size)
-    age_s = (state.slot - 1 - slots) % size + 1  # the slot written last has age 1
-    angles_se = rope.temporal_angles(rope.temporal_frequencies(cfg.model.head_dim),
-                                     cfg.model.window - 1 - age_s)
-    k = rope.apply_rope(state.cache_k, angles_se[None, None, :, None, None, :],
-                        interleaved=cfg.model.rope_interleaved)
-    return StreamContext(k, state.cache_v, age_s[None, :] <= state.num_valid[:, None])
+    age_s = ((state.slot - 1 - slots) % size + 1).astype(jnp.int32)  # the slot written last: 1
+    return StreamContext(state.cache_k, state.cache_v, age_s,
+                         age_s[None, :] <= state.num_valid[:, None])
 
 
 def write_cache(cfg: Config, state: StreamState, k_lbkne, v_lbkne) -> StreamState:

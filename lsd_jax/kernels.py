@@ -1,0 +1,82 @@
+"""The kernel table: every implementation the model can switch to by config (docs/DESIGN.md
+section 7).
+
+Two seams, each selected by name: `model.attention_impl` (an `attention.AttentionImpl`, the
+spatial, banded temporal and ring-buffer temporal entry points) and `model.norm_impl` (a
+`norm.NormImpl`, LayerNorm + adaLN modulate, optionally after the gated residual). A row names
+the object that implements the seam (`module:attribute`, imported only when selected), the
+platforms it runs on (as `jax.export` names them) and the compute dtypes it supports. Nothing
+registers itself: a new implementation is a new row here.
+
+Implementations are imported only when selected, so `lsd_jax.config` can check names against
+this table without importing JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from lsd_jax.errors import ConfigError
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+KINDS = ("attention", "norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    kind: str  # one of KINDS
+    name: str  # the value of model.<kind>_impl
+    target: str  # "module:attribute" of the implementation object
+    platforms: tuple[str, ...]  # where it runs (PLATFORMS)
+    dtypes: tuple[str, ...]  # the model.dtype values it supports
+    about: str
+
+
+TABLE: tuple[Kernel, ...] = (
+    Kernel("attention", "xla", "lsd_jax.attention:XLA", PLATFORMS, ("float32", "bfloat16"),
+           "pure-JAX reference: einsums, float32 logits and softmax"),
+    Kernel("attention", "jax_nn", "lsd_jax.attention:JAX_NN", PLATFORMS, ("float32", "bfloat16"),
+           "the reference's structure around jax.nn.dot_product_attention"),
+    Kernel("norm", "xla", "lsd_jax.norm:XLA", PLATFORMS, ("float32", "bfloat16"),
+           "pure-JAX reference: LayerNorm in float32, then shift/scale"),
+)
+
+
+def kernel_names(kind: str) -> tuple[str, ...]:
+    return tuple(k.name for k in TABLE if k.kind == kind)
+
+
+def entry(kind: str, name: str) -> Kernel:
+    """The table row of `model.<kind>_impl = name`; a `ConfigError` listing the names if none."""
+    for kernel in TABLE:
+        if kernel.kind == kind and kernel.name == name:
+            return kernel
+    raise ConfigError(f"model.{kind}_impl={name!r} is not one of "
+                 f"{', '.join(map(repr, sorted(kernel_names(kind))))}")
+
+
+def current_platform() -> str:
+    """The default backend as a `jax.export` platform name (`gpu` told apart as cuda or rocm)."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = getattr(jax.devices()[0].client, "platform_version", "")
+        return "rocm" if "rocm" in version.lower() else "cuda"
+    return backend
+
+
+def select(kind: str, name: str, *, dtype: str | None = None, platform: str | None = None):
+    """The implementation object of `model.<kind>_impl = name`, checked to run on `platform`
+    (default: the current one) in `dtype` (when given); a one-line `ConfigError` if not."""
+    kernel = entry(kind, name)
+    platform = platform or current_platform()
+    if platform not in kernel.platforms:
+        raise ConfigError(f"model.{kind}_impl={name!r} cannot run on {platform}: it runs on "
+                     f"{', '.join(kernel.platforms)}")
+    if dtype is not None and dtype not in kernel.dtypes:
+        raise ConfigError(f"model.{kind}_impl={name!r} does not support model.dtype={dtype!r}: it "
+                     f"supports {', '.join(kernel.dtypes)}")
+    module, attribute = kernel.target.split(":")
+    return getattr(importlib.import_module(module), attribute)
