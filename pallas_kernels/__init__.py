@@ -3,7 +3,13 @@
 The place for Pallas kernels of the hot paths (temporal attention over the ring-buffer cache,
 spatial flash attention, fused LayerNorm + adaLN modulate) and jax-triton kernels where Triton is
 the better tool, each next to the pure-JAX reference it is tested against (`interpret=True` on
-CPU; jax-triton imported lazily and only on GPU). A kernel registers itself with
-`lsd_jax.attention.register` under a name starting with `pallas`, and `model.attention_impl`
-selects it; no kernel is registered yet, so the pure-JAX `xla` path is the one in use.
+CPU; jax-triton imported lazily and only on GPU).
+
+A kernel implements one of the two seams, `lsd_jax.attention.AttentionImpl` (`spatial`,
+`temporal_band`, `temporal_cache`) or `lsd_jax.norm.NormImpl` (`norm_modulate`,
+`residual_norm_modulate`), and is a row of the kernel table in `lsd_jax/kernels.py` (name,
+`module:attribute`, platforms, dtypes); `model.attention_impl` / `model.norm_impl` select it by
+that name. Nothing registers itself on import, and nothing here is imported until selected.
+`tests/test_attention_seam.py` runs every row against the reference. No kernel is in the table
+yet, so the pure-JAX `xla` path is the one in use.
 """
