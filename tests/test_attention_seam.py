@@ -152,8 +152,13 @@ def test_cache_slots_never_valid_do_not_matter():
 # ----------------------------------------------------------------------------- every implementation
 
 
-def _impl(kind: str, name: str):
-    impl = kernels.select(kind, name)
+def _impl(kind: str, name: str, dtype: str):
+    """The implementation `name`; a skip that says why where it cannot run here in `dtype`."""
+    row, platform = kernels.entry(kind, name), kernels.current_platform()
+    if platform not in row.platforms or dtype not in row.dtypes:
+        pytest.skip(f"{kind} {name!r} runs on {', '.join(row.platforms)} in "
+                    f"{', '.join(row.dtypes)}, not on {platform} in {dtype}")
+    impl = kernels.select(kind, name, dtype=dtype)
     assert isinstance(impl, AttentionImpl if kind == "attention" else NormImpl)
     return impl
 
@@ -164,7 +169,7 @@ def _impl(kind: str, name: str):
 def test_attention_impl_matches_reference(impl_name, kind, dtype):
     """Forward (and gradient, for the kinds training runs) against the reference computed in
     float32 on the same inputs."""
-    impl = _impl("attention", impl_name)
+    impl = _impl("attention", impl_name, dtype)
     name, arrays, kw = _case(kind, dtype, True)
     ref_arrays = tuple(a.astype(jnp.float32) for a in arrays)
     fn = lambda impl: lambda *a: getattr(impl, name)(*a, **kw)  # noqa: E731
@@ -195,7 +200,7 @@ def test_norm_impl_matches_reference(impl_name, dtype):
     """`norm_modulate` and `residual_norm_modulate` on DiT-shaped inputs (per-frame shift, scale,
     gate), forward and gradient, against the reference in float32; the reference against the
     float64 formula."""
-    impl, eps, dt = _impl("norm", impl_name), 1e-6, jnp.dtype(dtype)
+    impl, eps, dt = _impl("norm", impl_name, dtype), 1e-6, jnp.dtype(dtype)
     x = _normal(0, (2, 3, 5, 32), dt) * 3.0 + 1.0
     y = _normal(1, x.shape, dt)
     gate, shift, scale = (_normal(2 + i, (2, 3, 1, 32), dt) for i in range(3))
