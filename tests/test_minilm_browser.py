@@ -33,8 +33,11 @@ def expected_hint(prompt: str) -> str:
     table = np.stack([encoder.encode(p) for p in known]).astype(np.float64)
     query = encoder.encode(prompt).astype(np.float64)
     cosines = table @ query / (np.linalg.norm(table, axis=1) * np.linalg.norm(query))
-    return (f'nearest trained prompt: "{known[int(np.argmax(cosines))]}" (cosine similarity '
-            f"{cosines.max():.2f}, hashed encoder)")
+    nearest, similarity = known[int(np.argmax(cosines))], cosines.max()
+    how = f"cosine similarity {similarity:.2f}, hashed encoder"
+    if similarity >= 0.6:
+        return f'reads as the trained prompt "{nearest}" ({how})'
+    return f'far from every trained prompt; nearest: "{nearest}" ({how})'
 
 
 @pytest.mark.slow
@@ -44,7 +47,7 @@ def test_page_shows_the_nearest_trained_prompt_while_typing(tmp_path):
                       ["model.hidden_size=64", "model.depth=1", "model.num_heads=2",
                        "model.window=4", "diffusion.sample_steps=1"])
     engine = model_engine(cfg, untrained_model(cfg, seed=1), describe="test model",
-                          untrained=False)
+                          untrained=False, trained_prompts=tuple(t.prompt for t in TASKS))
     typed = {"neon lights in the dark": expected_hint("neon lights in the dark"),
              "an old photograph": expected_hint("an old photograph"),
              "A thermal camera image": "a prompt the model was trained on"}
@@ -93,5 +96,6 @@ def test_page_shows_the_nearest_trained_prompt_while_typing(tmp_path):
                 process.kill()
                 process.wait(10)
     assert shown == list(typed.values()), shown
-    assert shown[0] == ('nearest trained prompt: "glowing neon edges on a dark scene" (cosine '
-                        'similarity 0.49, hashed encoder)')
+    assert shown[0] == ('far from every trained prompt; nearest: "glowing neon edges on a dark '
+                        'scene" (cosine similarity 0.49, hashed encoder)')
+    assert shown[1].startswith('reads as the trained prompt "an old sepia photograph"'), shown[1]
