@@ -57,12 +57,14 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 def describe(cfg: Config) -> dict:
     """Parameter count (from shapes only: no weights allocated), FLOPs, tokens, window, steps."""
-    from lsd_jax.attention import get_attention
     from lsd_jax.flops import dit_flops, streamed_frame_flops
+    from lsd_jax.kernels import entry
     from lsd_jax.model import abstract_model, count_params
 
     m = cfg.model
-    get_attention(m.attention_impl)  # an unknown implementation is an error here, not at run time
+    # An unknown implementation is an error here, not at run time; one for another platform (a
+    # GPU kernel described on a CPU machine) is not: nothing runs.
+    entry("attention", m.attention_impl)
     total, trainable = count_params(abstract_model(m))
     per_pass = dit_flops(m, frames=1, keys_per_frame=m.window)
     return {

@@ -157,3 +157,21 @@ def test_info_rejects_unknown_attention_impl(capsys, repo_root):
                           "model.attention_impl=magic")
     assert code == 2
     assert "model.attention_impl='magic' is not one of" in err and "'xla'" in err
+
+
+def test_info_describes_a_model_whose_kernel_runs_elsewhere(monkeypatch):
+    """`lsd info` on this CPU machine describes a config that selects a GPU-only kernel (nothing
+    runs), while selecting that kernel to run here is a one-line error naming the platform."""
+    from lsd_jax import kernels
+    from lsd_jax.cli import describe
+    from lsd_jax.config import load_config
+    from lsd_jax.errors import ConfigError
+
+    gpu_row = kernels.Kernel("attention", "gpu_only", "lsd_jax.attention:XLA", ("cuda",),
+                             ("float32",), "a GPU-only row for this test")
+    monkeypatch.setattr(kernels, "TABLE", (*kernels.TABLE, gpu_row))
+    cfg = load_config("configs/tiny.py", ["model.attention_impl=gpu_only"])
+    assert describe(cfg)["params_total"] == describe(load_config("configs/tiny.py"))[
+        "params_total"]
+    with pytest.raises(ConfigError, match="'gpu_only' cannot run on cpu: it runs on cuda"):
+        kernels.select("attention", "gpu_only")
