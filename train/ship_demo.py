@@ -22,6 +22,7 @@ from pathlib import Path
 from lsd_jax.checkpoint import load_config_from
 from lsd_jax.demo import DEMO_MODEL_DIR
 from lsd_jax.errors import CheckpointError
+from lsd_jax.model import abstract_model, count_params
 
 MAX_BYTES = 20 * 2**20
 
@@ -49,28 +50,6 @@ def summarize(workdir: Path) -> dict:
             "loss_first": lines[0]["loss"]}
 
 
-def _record_trained_prompts(meta_path: Path, cfg) -> None:
-    """Write the prompts the run trained on into the model's config.json when the trainer that
-    wrote it did not record them (a run started before prompts were recorded)."""
-    from train.tasks import trained_prompts
-
-    meta = json.loads(meta_path.read_text())
-    if not meta.get("trained_prompts"):
-        meta["trained_prompts"] = list(trained_prompts(cfg.model.prompt_dim, cfg.data.tasks,
-                                                       cfg.data.prompt_phrasings))
-        meta_path.write_text(json.dumps(meta, indent=2))
-
-
-def _num_params(model_dir: Path) -> int:
-    import jax
-    from flax import nnx
-
-    from lsd_jax.checkpoint import load_model
-
-    _, model = load_model(model_dir)
-    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR) -> Path:
     model = workdir / "model"
     if not (model / "config.json").is_file():
@@ -84,10 +63,10 @@ def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR) -> Path:
         raise CheckpointError(f"model of {str(workdir)!r} is {size:,} bytes, over the "
                               f"{MAX_BYTES:,} allowed in the package")
     cfg = load_config_from(model)
+    trainable = count_params(abstract_model(cfg.model))[1]
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(model, dest)
-    _record_trained_prompts(dest / "config.json", cfg)
     if (workdir / "plots" / "loss.png").is_file():
         shutil.copy(workdir / "plots" / "loss.png", dest / "loss.png")
     try:
@@ -102,7 +81,7 @@ Made by
 
     {command}
 
-from the `{cfg.name}` recipe (`configs/{cfg.name}.py`; {_num_params(dest):,} parameters,
+from the `{cfg.name}` recipe (`configs/{cfg.name}.py`; {trainable:,} parameters,
 {cfg.prompt.encoder} prompt encoder), at commit {commit}, shipped
 {datetime.now(UTC):%Y-%m-%d} from a {platform.machine()} machine with
 {__import__('os').cpu_count()} CPU cores ({platform.python_implementation()}
