@@ -294,6 +294,9 @@ class TrainConfig:
     mesh. The learning rate warms up linearly for
     `warmup_steps`, then follows a cosine to `lr * final_lr_fraction` at `steps`. Checkpoints are
     saved every `save_every` steps (0: only at the end and on SIGTERM/SIGINT), `keep` of them.
+    `init_from` (a model directory: a run's `WORKDIR/model`, the built-in demo's, an `lsd convert`
+    output) starts a new run from those weights (params and EMA) with a fresh optimiser at step 0;
+    the model's architecture and prompt encoder must be the config's.
     """
 
     steps: int = 1000
@@ -311,6 +314,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     seed: int = 0
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("steps", "keep", "log_every"):

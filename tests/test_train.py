@@ -115,6 +115,37 @@ def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path
         ship(short, "x", dest=tmp_path / "demo2")
 
 
+def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted):
+    """`train.init_from` starts step 0 from a model directory's weights (params and EMA equal to
+    them, optimiser fresh); a different architecture is a ConfigError naming the key."""
+    from flax import nnx
+
+    from lsd_jax.checkpoint import load_model
+    from lsd_jax.config import apply_overrides
+    from lsd_jax.errors import ConfigError
+    from train import sharding
+    from train.trainer import build_step, warm_start
+
+    source = uninterrupted / "model"
+    cfg = apply_overrides(load_config(REPO_ROOT / "configs/tiny.py"),
+                          [*RESUME, f"train.init_from={source}", "model.attention_impl=jax_nn"])
+    sharded = build_step(cfg, sharding.make_mesh(cfg.mesh))
+    fresh = sharded.init()
+    started = warm_start(cfg, sharded, fresh)
+    _, model = load_model(source)
+    expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert int(started["step"]) == 0
+    for name in ("params", "ema"):
+        pairs = zip(jax.tree.leaves(started[name]), jax.tree.leaves(expected), strict=True)
+        assert all(np.array_equal(a, b) for a, b in pairs)
+    moved = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(fresh["params"]), jax.tree.leaves(expected), strict=True)]
+    assert sum(moved) > len(moved) // 2  # the fresh initialisation is not the source's
+    wider = apply_overrides(cfg, ["model.hidden_size=48"])
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=32.*model\.hidden_size=48"):
+        warm_start(wider, build_step(wider, sharding.make_mesh(wider.mesh)), fresh)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(uninterrupted, repo_root):
     root = uninterrupted.parent

@@ -333,6 +333,34 @@ def resume_config(workdir: Path, cfg: Config, overrides) -> Config:
     return resumed
 
 
+# Model options that change how the model runs, not its weights: they may differ from the run a
+# warm start takes its weights from.
+RUNTIME_MODEL_KEYS = ("attention_impl", "norm_impl", "remat_policy", "dtype")
+
+
+def warm_start(cfg: Config, sharded: ShardedStep, state: dict) -> dict:
+    """`state` (fresh, step 0) with params and EMA replaced by the weights of the model directory
+    `train.init_from`; its architecture (every `model.*` key but the runtime ones) and prompt
+    encoder must be `cfg`'s, else a `ConfigError` naming the first differing key."""
+    from lsd_jax.checkpoint import load_config_from, restore_params
+    from lsd_jax.config import to_dict
+    from lsd_jax.prompt import check_encoder_record, encoder_record
+
+    source = Path(cfg.train.init_from)
+    saved = load_config_from(source)
+    old, new = to_dict(saved.model), to_dict(cfg.model)
+    for key in sorted(old.keys() | new.keys()):
+        if key not in RUNTIME_MODEL_KEYS and old.get(key) != new.get(key):
+            raise ConfigError(f"train.init_from={str(source)!r} holds a model with model.{key}="
+                              f"{old.get(key)!r}; this config has model.{key}={new.get(key)!r}: "
+                              "a warm start needs the same architecture")
+    check_encoder_record(encoder_record(saved), cfg, f"train.init_from={str(source)!r}")
+    params = restore_params(source / "params",
+                            nnx.state(abstract_model(cfg.model), nnx.Param), "the config")
+    params = jax.device_put(nnx.to_pure_dict(params), sharded.state_shardings["params"])
+    return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -425,6 +453,9 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
         state = sharded.init()
         if resume:
             log(f"--resume: no checkpoint in {manager.directory}; starting from step 0")
+        if cfg.train.init_from:
+            state = warm_start(cfg, sharded, state)
+            log(f"step 0 takes its weights from {cfg.train.init_from} (train.init_from)")
     else:
         step, state, data_state = restored
         data_iter.set_state(data_state)
