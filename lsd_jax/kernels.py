@@ -14,12 +14,14 @@ this table without importing JAX.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 
 from lsd_jax.errors import ConfigError
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+BOTH = ("float32", "bfloat16")
 KINDS = ("attention", "norm")
 
 
@@ -38,8 +40,25 @@ TABLE: tuple[Kernel, ...] = (
            "pure-JAX reference: einsums, float32 logits and softmax"),
     Kernel("attention", "jax_nn", "lsd_jax.attention:JAX_NN", PLATFORMS, ("float32", "bfloat16"),
            "the reference's structure around jax.nn.dot_product_attention"),
+    Kernel("attention", "pallas_triton", "pallas_kernels.impls:PALLAS_TRITON", ("cuda",), BOTH,
+           "Pallas (Triton backend): flash spatial attention with RoPE in the kernel (forward "
+           "and backward), ring-buffer temporal attention; banded temporal on XLA"),
+    Kernel("attention", "pallas_tpu", "pallas_kernels.impls:PALLAS_TPU", ("tpu",), BOTH,
+           "the same Pallas kernels on Mosaic TPU"),
+    Kernel("attention", "pallas_interpret", "pallas_kernels.impls:PALLAS_INTERPRET", ("cpu",),
+           BOTH, "the Pallas kernels under the Pallas interpreter (numerics checks on CPU)"),
+    Kernel("attention", "pallas_tpu_interpret", "pallas_kernels.impls:PALLAS_TPU_INTERPRET",
+           ("cpu",), BOTH, "the Pallas kernels under the TPU interpreter, races detected"),
     Kernel("norm", "xla", "lsd_jax.norm:XLA", PLATFORMS, ("float32", "bfloat16"),
            "pure-JAX reference: LayerNorm in float32, then shift/scale"),
+    Kernel("norm", "pallas_triton", "pallas_kernels.impls:NORM_TRITON", ("cuda",), BOTH,
+           "Pallas (Triton backend): fused residual + LayerNorm + modulate; backward on XLA"),
+    Kernel("norm", "pallas_tpu", "pallas_kernels.impls:NORM_TPU", ("tpu",), BOTH,
+           "the same Pallas kernel on Mosaic TPU"),
+    Kernel("norm", "pallas_interpret", "pallas_kernels.impls:NORM_INTERPRET", ("cpu",), BOTH,
+           "the Pallas kernel under the Pallas interpreter (numerics checks on CPU)"),
+    Kernel("norm", "pallas_tpu_interpret", "pallas_kernels.impls:NORM_TPU_INTERPRET", ("cpu",),
+           BOTH, "the Pallas kernel under the TPU interpreter, races detected"),
 )
 
 
@@ -56,8 +75,31 @@ def entry(kind: str, name: str) -> Kernel:
                  f"{', '.join(map(repr, sorted(kernel_names(kind))))}")
 
 
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str):
+    """Within the block, `current_platform()` is `platform`: models traced there select the
+    kernels of the platform a `jax.export` lowers for, not of the host's."""
+    _TARGET.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def selected(cfg_model) -> dict[str, str]:
+    """The kernel rows a model config selects that are not the pure-JAX paths: `{kind: name}`."""
+    names = {"attention": cfg_model.attention_impl, "norm": cfg_model.norm_impl}
+    return {k: v for k, v in names.items() if set(entry(k, v).platforms) != set(PLATFORMS)}
+
+
 def current_platform() -> str:
-    """The default backend as a `jax.export` platform name (`gpu` told apart as cuda or rocm)."""
+    """The platform kernels are selected for: the one `lowering_for` names, else the default
+    backend as a `jax.export` platform name (`gpu` told apart as cuda or rocm)."""
+    if _TARGET:
+        return _TARGET[-1]
     import jax
 
     backend = jax.default_backend()

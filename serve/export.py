@@ -29,14 +29,21 @@ every machine; `minilm`, id naming the sha256 of its weights: all-MiniLM-L6-v2, 
 encoder and verified files `lsd_jax.minilm` loads on the host) and the loader rebuilds it; an
 identity this lsd cannot rebuild is an `ArtifactError`. A header without an id (written before
 ids were recorded) means the hashed encoder.
+With kernels selected (`model.attention_impl` / `model.norm_impl` other than the pure-JAX paths)
+the step is lowered for the one platform they run on (Pallas calls cannot be lowered for several
+platforms at once), and the header's `kernels` says which were selected and which custom calls the
+modules hold (Triton calls carry no compatibility guarantee across jaxlib versions: such an
+artifact is tied to its jax version, which the header records).
 The state is that of `lsd_jax.streaming.StreamState` (same fields, same order); a stream is reset by
 setting its `num_valid` entry to 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsd_jax import kernels
 from lsd_jax.config import Config, dtype_of, to_dict
 from lsd_jax.errors import ArtifactError
 from lsd_jax.stream_state import STATE_FIELDS, StreamState
@@ -53,6 +61,8 @@ MAGIC = b"LSDX\r\n\x1a\n"
 FORMAT = "lsd-jax-step"
 VERSION = 1
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# Custom calls a kernel lowers to that jax.export does not vouch for across versions.
+UNGUARANTEED_CALLS = (jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),)
 _PREFIX = len(MAGIC) + 8 + 32
 
 
@@ -117,6 +127,13 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
     if bad or not platforms:
         raise ArtifactError(f"platforms={','.join(platforms)!r}, expected a comma-separated "
                             f"subset of {','.join(PLATFORMS)}")
+    chosen = kernels.selected(cfg.model)
+    for kind, name in chosen.items():
+        runs_on = kernels.entry(kind, name).platforms
+        if len(platforms) > 1 or platforms[0] not in runs_on:
+            raise ArtifactError(f"model.{kind}_impl={name!r} is a kernel for "
+                                f"{', '.join(runs_on)}: export it for that one platform "
+                                f"(--platforms {runs_on[0]}), not {','.join(platforms)}")
     leaves, treedef = jax.tree.flatten(params)
     leaves_np = [np.asarray(leaf) for leaf in leaves]
     codec = make_codec(cfg)
@@ -129,6 +146,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
     blobs = {"weights": weights}
     sds = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
     shapes: dict[str, dict] = {}
+    custom_calls: set[str] = set()
     for batch in batches:
         state = init_stream(cfg, batch, 0)
         args = [[sds(leaf) for leaf in leaves_np], *map(sds, state),
@@ -144,7 +162,11 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
                                                                          strict=True)}
         for k in steps:
             fn = jax.jit(_flat_step(cfg, graphdef, treedef, k))
-            exported = jax.export.export(fn, platforms=tuple(platforms))(*args)
+            with kernels.lowering_for(platforms[0]) if chosen else contextlib.nullcontext():
+                exported = jax.export.export(fn, platforms=tuple(platforms),
+                                             disabled_checks=UNGUARANTEED_CALLS)(*args)
+            custom_calls.update(re.findall(r"custom_call @([^(\s]+)\(",
+                                           exported.mlir_module()))
             blobs[_variant_name(batch, k)] = bytes(exported.serialize())
     blob_meta, offset = {}, 0
     for name, blob in blobs.items():
@@ -167,6 +189,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
         "state_fields": list(STATE_FIELDS),
         "params": params_meta,
         "prompt": prompt_handling(cfg),
+        "kernels": {"selected": chosen, "custom_calls": sorted(custom_calls)},
         "blobs": blob_meta,
     }
     header_bytes = json.dumps(header, indent=1).encode()

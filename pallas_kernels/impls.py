@@ -1,0 +1,34 @@
+"""The seams' implementations built from this package's kernels, one per backend; the rows of
+`lsd_jax.kernels.TABLE` point here.
+
+Attention: `spatial` is the flash kernel (`flash_spatial`), `temporal_cache` the ring kernel
+(`ring_temporal`); `temporal_band` (training only, a handful of frames per token) stays on the
+reference's XLA path. Norm: the fused LayerNorm + modulate (`norm_modulate`).
+"""
+
+from __future__ import annotations
+
+from lsd_jax.attention import XLA, AttentionImpl
+from lsd_jax.norm import NormImpl
+from pallas_kernels import flash_spatial, norm_modulate, ring_temporal
+from pallas_kernels.backends import BACKENDS, Backend
+
+
+def attention(backend: Backend) -> AttentionImpl:
+    return AttentionImpl(flash_spatial.make(backend), XLA.temporal_band,
+                         ring_temporal.make(backend))
+
+
+def norm(backend: Backend) -> NormImpl:
+    return norm_modulate.make(backend)
+
+
+PALLAS_TRITON = attention(BACKENDS["triton"])
+PALLAS_TPU = attention(BACKENDS["mosaic_tpu"])
+PALLAS_INTERPRET = attention(BACKENDS["interpret"])
+PALLAS_TPU_INTERPRET = attention(BACKENDS["tpu_interpret"])
+
+NORM_TRITON = norm(BACKENDS["triton"])
+NORM_TPU = norm(BACKENDS["mosaic_tpu"])
+NORM_INTERPRET = norm(BACKENDS["interpret"])
+NORM_TPU_INTERPRET = norm(BACKENDS["tpu_interpret"])
