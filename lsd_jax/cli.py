@@ -147,6 +147,44 @@ def _run_bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- lsd bench kernels
+
+
+def _run_bench_kernels(args: argparse.Namespace) -> int:
+    from pallas_kernels.bench import bench_kernels
+
+    cfg = config_from_args(args)
+    result = bench_kernels(cfg, frames=args.frames, repeats=args.repeats, tpu=not args.no_tpu,
+                           progress=lambda name: print(f"bench kernels: {name}",
+                                                       file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"config {result['config']}, {result['dtype']}, {result['frames']} frames; predicted "
+          "H100 time at the stated efficiencies (--json: assumptions)")
+    print(f"{'kernel':<24}{'max_rel_err':>12}{'GFLOP':>9}{'MB':>9}{'bound':>8}{'H100 us':>9}"
+          "  custom calls (cuda | tpu); TPU compile")
+    for k in result["kernels"]:
+        tpu = k["tpu_compile"]
+        tpu_text = tpu.get("skipped") or f"compiled for {tpu.get('topology')}"
+        print(f"{k['name']:<24}{k['max_rel_err']:>12.2e}{k['flops'] / 1e9:>9.3f}"
+              f"{k['bytes'] / 1e6:>9.2f}{k['bound']:>8}{k['predicted_h100_us']:>9.2f}  "
+              f"{','.join(k['custom_calls']['cuda'])} | {','.join(k['custom_calls']['tpu'])}; "
+              f"{tpu_text}")
+        if isinstance(k["timing"], dict):
+            t = k["timing"]
+            print(f"{'':<24}kernel {t['kernel_ms']:.3f} ms, XLA {t['xla_ms']:.3f} ms "
+                  f"({t['speedup']:.2f}x), {t['tflops']:.1f} TFLOP/s")
+    sm90 = result["sm_90"]
+    print("sm_90 (jax-triton ring kernel): " + (sm90.get("skipped") or ", ".join(
+        f"{key} {sm90[key]}" for key in ("registers", "spill_stores", "spill_loads",
+                                         "shared_bytes") if key in sm90)))
+    timing = result["kernels"][0]["timing"]
+    if isinstance(timing, str):
+        print(f"timing: {timing}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -188,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 512,1024,2048)")
     step.add_argument("--no-progress", action="store_true", help="no progress bar")
     step.add_argument("--json", action="store_true", help="print one JSON object")
+
+    kern = _add_command(bench, "kernels", _run_bench_kernels,
+                        "every Pallas kernel at a config's shapes: error against the reference "
+                        "(interpreted), custom calls of its cuda and tpu lowerings, TPU and "
+                        "sm_90 compile stats, roofline; timed against XLA on a GPU or TPU")
+    kern.add_argument("--frames", type=int_in(1), default=2,
+                      help="frames for the spatial and norm kernels (default 2)")
+    kern.add_argument("--repeats", type=int_in(1), default=20,
+                      help="timed runs per kernel on a GPU/TPU (median)")
+    kern.add_argument("--no-tpu", action="store_true",
+                      help="skip the TPU ahead-of-time compile (needs libtpu)")
+    kern.add_argument("--json", action="store_true", help="print one JSON object")
 
     for module in COMMAND_MODULES:
         module.register(commands, _add_command, bench)

@@ -43,6 +43,9 @@ TABLE: tuple[Kernel, ...] = (
     Kernel("attention", "pallas_triton", "pallas_kernels.impls:PALLAS_TRITON", ("cuda",), BOTH,
            "Pallas (Triton backend): flash spatial attention with RoPE in the kernel (forward "
            "and backward), ring-buffer temporal attention; banded temporal on XLA"),
+    Kernel("attention", "jax_triton", "pallas_kernels.impls:JAX_TRITON", ("cuda",), BOTH,
+           "pallas_triton with the ring-buffer attention as a @triton.jit kernel called through "
+           "jax_triton.triton_call (the gpu extra)"),
     Kernel("attention", "pallas_tpu", "pallas_kernels.impls:PALLAS_TPU", ("tpu",), BOTH,
            "the same Pallas kernels on Mosaic TPU"),
     Kernel("attention", "pallas_interpret", "pallas_kernels.impls:PALLAS_INTERPRET", ("cpu",),

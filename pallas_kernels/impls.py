@@ -3,7 +3,8 @@
 
 Attention: `spatial` is the flash kernel (`flash_spatial`), `temporal_cache` the ring kernel
 (`ring_temporal`); `temporal_band` (training only, a handful of frames per token) stays on the
-reference's XLA path. Norm: the fused LayerNorm + modulate (`norm_modulate`).
+reference's XLA path. `JAX_TRITON` swaps the ring kernel for its jax-triton twin. Norm: the fused
+LayerNorm + modulate (`norm_modulate`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ PALLAS_TRITON = attention(BACKENDS["triton"])
 PALLAS_TPU = attention(BACKENDS["mosaic_tpu"])
 PALLAS_INTERPRET = attention(BACKENDS["interpret"])
 PALLAS_TPU_INTERPRET = attention(BACKENDS["tpu_interpret"])
+
+def jax_triton_attention() -> AttentionImpl:
+    """The Pallas Triton flash spatial kernel with the ring-buffer attention written in Triton and
+    called through jax-triton (`triton_ring`, imported when first called: CUDA only)."""
+    from pallas_kernels import triton_ring
+
+    return AttentionImpl(PALLAS_TRITON.spatial, XLA.temporal_band, triton_ring.temporal_cache)
+
+
+JAX_TRITON = jax_triton_attention()
 
 NORM_TRITON = norm(BACKENDS["triton"])
 NORM_TPU = norm(BACKENDS["mosaic_tpu"])

@@ -179,3 +179,38 @@ def test_bf16_rounding_is_the_only_difference_from_the_reference():
     ref = XLA.spatial(q, k, v, angles=angles, interleaved=True)
     assert rel_err(out, ref) <= 1e-5
     assert float(np.max(np.abs(np.asarray(out)))) > 0.5
+
+
+def test_bench_kernels_reports_every_kernel(capsys):
+    """`lsd bench kernels --json` on the tiny config: one entry per kernel with its interpreted
+    error against the reference, the custom calls of both lowerings and a roofline."""
+    import json
+
+    from lsd_jax.cli import main
+
+    assert main(["bench", "kernels", "--config", str(CONFIGS / "tiny.py"), "--no-tpu",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [k["name"] for k in result["kernels"]]
+    assert names == ["flash_spatial", "flash_spatial_bwd", "ring_temporal", "norm_modulate",
+                     "residual_norm_modulate"]
+    for k in result["kernels"]:
+        assert 0 <= k["max_rel_err"] <= 1e-5, k
+        assert k["custom_calls"] == {"cuda": ["__gpu$xla.gpu.triton"], "tpu": ["tpu_custom_call"]}
+        assert k["flops"] > 0 and k["bytes"] > 0 and k["predicted_h100_us"] > 0
+        assert k["timing"].startswith("no GPU or TPU here")
+
+
+@pytest.mark.parametrize("preset", ["lsd_base_gpu", "oasis_500m_gpu"])
+def test_gpu_presets_select_the_triton_kernels(preset):
+    """The gpu presets differ from their base config only in the kernels and bf16 compute, and
+    their selection is refused on this host but accepted when lowering for cuda."""
+    from lsd_jax.config import to_dict
+
+    cfg = load_config(CONFIGS / f"{preset}.py")
+    base = load_config(CONFIGS / f"{preset.removesuffix('_gpu')}.py")
+    assert kernels.selected(cfg.model) == {"attention": "pallas_triton", "norm": "pallas_triton"}
+    changed = {k for k, v in to_dict(cfg.model).items() if to_dict(base.model)[k] != v}
+    assert changed <= {"attention_impl", "norm_impl", "dtype"}
+    with kernels.lowering_for("cuda"):
+        assert kernels.select("attention", cfg.model.attention_impl) is impls.PALLAS_TRITON

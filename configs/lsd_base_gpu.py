@@ -1,0 +1,21 @@
+"""lsd_base_gpu: `configs/lsd_base.py` with the Pallas kernels for H100 selected (the gpu preset).
+
+Flash spatial attention with RoPE in the kernel, the ring-buffer temporal attention of the
+streaming step and the fused residual + LayerNorm + modulate, all on Pallas' Triton backend
+(`model.attention_impl=pallas_triton`, `model.norm_impl=pallas_triton`, docs/DESIGN.md
+section 7); bfloat16 compute. Runs on CUDA GPUs; on another machine it lowers and exports for
+`cuda` (`lsd export --config configs/lsd_base_gpu.py --platforms cuda`) but does not run.
+"""
+
+import dataclasses
+
+from configs import lsd_base
+from lsd_jax.config import Config
+
+
+def get_config() -> Config:
+    base = lsd_base.get_config()
+    return dataclasses.replace(
+        base, name="lsd_base_gpu",
+        model=dataclasses.replace(base.model, attention_impl="pallas_triton",
+                                  norm_impl="pallas_triton", dtype="bfloat16"))

@@ -1,0 +1,21 @@
+"""oasis_500m_gpu: `configs/oasis_500m.py` with the Pallas kernels for H100 (the gpu preset).
+
+Flash spatial attention with RoPE in the kernel, the ring-buffer temporal attention of the
+streaming step and the fused residual + LayerNorm + modulate, all on Pallas' Triton backend
+(`model.attention_impl=pallas_triton`, `model.norm_impl=pallas_triton`, docs/DESIGN.md
+section 7); bfloat16 compute. Runs on CUDA GPUs; on another machine it lowers and exports for
+`cuda` (`lsd export --config configs/oasis_500m_gpu.py --platforms cuda`) but does not run.
+"""
+
+import dataclasses
+
+from configs import oasis_500m
+from lsd_jax.config import Config
+
+
+def get_config() -> Config:
+    base = oasis_500m.get_config()
+    return dataclasses.replace(
+        base, name="oasis_500m_gpu",
+        model=dataclasses.replace(base.model, attention_impl="pallas_triton",
+                                  norm_impl="pallas_triton", dtype="bfloat16"))
