@@ -62,11 +62,11 @@ TPU_INTERPRET = Backend("tpu_interpret", "cpu", tpu_interpret=True)
 BACKENDS = {b.name: b for b in (TRITON, MOSAIC_TPU, INTERPRET, TPU_INTERPRET)}
 
 
-def block_size(n: int, cap: int) -> int:
+def block_size(n: int, cap: int, minimum: int = 8) -> int:
     """The block along an axis of size `n`: the largest power of two <= `cap` that divides `n`
-    (at least 8), else the whole axis."""
+    (at least `minimum`: 8 where the axis is a TPU tile's sublanes), else the whole axis."""
     size = 1 << (max(cap, 1).bit_length() - 1)
-    while size >= 8:
+    while size >= minimum:
         if n % size == 0:
             return size
         size //= 2

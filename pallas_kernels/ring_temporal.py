@@ -29,6 +29,10 @@ from pallas_kernels import rotary
 from pallas_kernels.backends import Backend, block_size, full_spec
 
 TOKEN_BLOCK = 16
+# Bytes of one cache operand's block (all slots x a block of tokens x heads x head dim): the block
+# shrinks for long rings so two double-buffered cache blocks and the slots' temporaries fit in
+# VMEM (16 MiB scoped on v5e; the Oasis ring of 31 slots at 16 tokens does not).
+RING_BLOCK_BYTES = 512 * 1024
 
 
 def _kernel(q_ref, kn_ref, vn_ref, ck_ref, cv_ref, valid_ref, cos_ref, sin_ref, r_ref, o_ref, *,
@@ -73,7 +77,9 @@ def make(backend: Backend):
         position = jnp.concatenate([window - 1 - age, jnp.asarray([window - 1], age.dtype)])
         cos, sin = cos[position], sin[position]
         r = rotary.partner_matrix(e, interleaved)
-        bn = block_size(n, TOKEN_BLOCK)
+        per_token = s * h * e * jnp.dtype(cache_k.dtype).itemsize
+        # Tokens are a leading axis of every block here: any power of two tiles them.
+        bn = block_size(n, min(TOKEN_BLOCK, max(1, RING_BLOCK_BYTES // per_token)), minimum=1)
         frame = pl.BlockSpec((None, None, bn, h, e), lambda i, j: (i, 0, j, 0, 0))
         ring = pl.BlockSpec((None, s, bn, h, e), lambda i, j: (i, 0, j, 0, 0))
         valid_spec = pl.BlockSpec((None, 1, s), lambda i, j: (i, 0, 0))

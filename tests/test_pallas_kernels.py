@@ -214,3 +214,20 @@ def test_gpu_presets_select_the_triton_kernels(preset):
     assert changed <= {"attention_impl", "norm_impl", "dtype"}
     with kernels.lowering_for("cuda"):
         assert kernels.select("attention", cfg.model.attention_impl) is impls.PALLAS_TRITON
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_long_ring_fits_tpu_vmem(dtype):
+    """Oasis' ring of 31 slots (window 32) at 144 tokens: the token block shrinks with the ring
+    so the Mosaic compile for v5e stays inside its 16 MiB of scoped VMEM (at 16 tokens per block
+    the float32 ring does not)."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed (the kernels extra)")
+    from pallas_kernels import tpu_aot
+
+    try:
+        tpu_aot.topology_devices("v5e:2x2")
+    except tpu_aot.TpuCompileUnavailable as err:
+        pytest.skip(str(err))
+    fn, args = tpu_aot.kernel_cases(jnp.dtype(dtype), n=144, slots=31, window=32)["ring"]
+    report = tpu_aot.compile_for_tpu(fn, *args, topology="v5e:2x2")
+    assert "tpu_custom_call" in report["custom_calls"]
