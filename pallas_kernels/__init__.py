@@ -10,6 +10,13 @@ A kernel implements one of the two seams, `lsd_jax.attention.AttentionImpl` (`sp
 `residual_norm_modulate`), and is a row of the kernel table in `lsd_jax/kernels.py` (name,
 `module:attribute`, platforms, dtypes); `model.attention_impl` / `model.norm_impl` select it by
 that name. Nothing registers itself on import, and nothing here is imported until selected.
-`tests/test_attention_seam.py` runs every row against the reference. No kernel is in the table
-yet, so the pure-JAX `xla` path is the one in use.
+`tests/test_attention_seam.py` runs every row against the reference.
+
+- `flash_spatial`: spatial flash attention, RoPE in the kernel, forward and backward;
+- `ring_temporal`: the streaming step's attention over the ring-buffer cache, read in place;
+- `norm_modulate`: residual + LayerNorm + adaLN modulate fused;
+- `triton_ring`: the ring attention as a `@triton.jit` kernel through jax-triton (CUDA only);
+- `backends`: Triton, Mosaic TPU and the two interpreters; `impls`: the seams built from them;
+- `tpu_aot`, `triton_aot`: ahead-of-time compiles for TPU topologies (libtpu) and sm_90 (triton);
+- `bench`: `lsd bench kernels`.
 """
