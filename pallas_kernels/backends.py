@@ -11,8 +11,9 @@ Triton backend to Mosaic GPU: a Mosaic GPU backend is one more row here, chosen 
 - `mosaic_tpu`: Mosaic TPU (`tpu`): blocks' last two dims divisible by (8, 128) or whole;
 - `interpret`: the Pallas interpreter on the host (`cpu`), the same kernels run as jaxprs: the
   numerics check on machines without an accelerator;
-- `tpu_interpret`: the TPU interpreter (`cpu`) with race detection: the TPU kernels' grid, DMA and
-  memory-space semantics emulated on the host.
+- `tpu_interpret`: the TPU interpreter (`cpu`) with race detection over two simulated cores that
+  split the parallel grid axes: the TPU kernels' grid, DMA and memory-space semantics emulated on
+  the host.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class Backend:
         if self.tpu_interpret:
             from jax.experimental.pallas import tpu as pltpu
 
-            return {"interpret": pltpu.InterpretParams(detect_races=True)}
+            # Two cores split the parallel grid axes (as on a megacore chip), so the race
+            # detector sees programs that would run concurrently.
+            return {"interpret": pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+                    "compiler_params": pltpu.CompilerParams(
+                        dimension_semantics=tuple(semantics))}
         if self.interpret:
             return {"interpret": True}
         if self.name == "triton":
