@@ -52,8 +52,8 @@ SCRIPT = textwrap.dedent("""
     ref_losses, ref_state = run(jax.jit(trainer.make_train_step(cfg)),
                                 jax.device_put(state0, jax.devices()[0]), lambda x: x)
     out = {"devices": jax.device_count(), "ref_losses": ref_losses}
-    for data, fsdp in ((2, 4), (4, 2)):
-        mesh = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=1))
+    for data, fsdp, tensor in ((2, 4, 1), (4, 2, 1), (2, 2, 2)):
+        mesh = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
         sharded = trainer.build_step(cfg, mesh)
         compiled, _ = trainer.compile_step(cfg, sharded)
         state = jax.device_put(state0, sharded.state_shardings)
@@ -61,8 +61,10 @@ SCRIPT = textwrap.dedent("""
         diffs = jax.tree.leaves(jax.tree.map(
             lambda a, r: float(np.max(np.abs(np.asarray(a, np.float64) - r))), final, ref_state))
         fc1 = sharded.state_shardings["params"]["blocks"]["spatial"]["mlp"]["fc1"]["kernel"]
-        out[f"{data}x{fsdp}"] = {"losses": losses, "max_state_diff": max(diffs),
-                                 "leaves": len(diffs), "fc1_spec": str(fc1.spec)}
+        qkv = sharded.state_shardings["params"]["blocks"]["spatial"]["attn"]["to_qkv"]["kernel"]
+        out[f"{data}x{fsdp}x{tensor}"] = {"losses": losses, "max_state_diff": max(diffs),
+                                          "leaves": len(diffs), "fc1_spec": str(fc1.spec),
+                                          "qkv_spec": str(qkv.spec)}
     print(json.dumps(out))
 """)
 
@@ -90,8 +92,11 @@ def test_sharded_step_matches_single_device(repo_root):
     assert out["devices"] == 8
     ref_losses = out["ref_losses"]
     assert ref_losses[0] != ref_losses[1]
-    for mesh in ("2x4", "4x2"):
+    for mesh in ("2x4x1", "4x2x1", "2x2x2"):
         result = out[mesh]
         np.testing.assert_allclose(result["losses"], ref_losses, rtol=0, atol=1e-5)
         assert result["max_state_diff"] <= 1e-5, (mesh, result)
-        assert result["fc1_spec"] == "P(None, 'fsdp', None)", result["fc1_spec"]
+    assert out["2x4x1"]["fc1_spec"] == "P(None, 'fsdp', None)", out["2x4x1"]
+    # With a tensor axis the MLP's hidden dimension and the attention heads are split over it.
+    assert out["2x2x2"]["fc1_spec"] == "P(None, 'fsdp', 'tensor')", out["2x2x2"]
+    assert "'tensor'" in out["2x2x2"]["qkv_spec"], out["2x2x2"]
