@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsd_jax import rope
+from lsd_jax.activation_sharding import constrain_batch
 from lsd_jax.attention import get_attention
 from lsd_jax.config import ModelConfig, dtype_of
 from lsd_jax.norm import NormImpl, get_norm, layer_norm, modulate
@@ -420,7 +421,9 @@ class DiT(nnx.Module):
         def body(x, xs):
             layer_state, ctx = xs
             block = nnx.merge(graphdef, layer_state)
-            return block(x, c_btd, spatial_mix, lambda q, k, v: temporal_mix(q, k, v, ctx), norm)
+            x, kv = block(constrain_batch(x), c_btd, spatial_mix,
+                          lambda q, k, v: temporal_mix(q, k, v, ctx), norm)
+            return constrain_batch(x), kv
 
         if cfg.remat_policy != "none":
             body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[cfg.remat_policy])

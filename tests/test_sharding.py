@@ -100,3 +100,40 @@ def test_sharded_step_matches_single_device(repo_root):
     # With a tensor axis the MLP's hidden dimension and the attention heads are split over it.
     assert out["2x2x2"]["fc1_spec"] == "P(None, 'fsdp', 'tensor')", out["2x2x2"]
     assert "'tensor'" in out["2x2x2"]["qkv_spec"], out["2x2x2"]
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from lsd_jax.config import MeshConfig, load_config
+    from train import sharding, trainer
+    out = {}
+    for fsdp in (2, 8):
+        cfg = load_config("configs/tiny.py", json.loads(sys.argv[1]) + [
+            f"train.batch_size={fsdp}"])
+        mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=1),
+                                  jax.devices()[:fsdp])
+        _, report = trainer.compile_step(cfg, trainer.build_step(cfg, mesh))
+        out[fsdp] = {k: report[k] for k in ("temp_bytes", "argument_bytes")}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_per_device_memory_does_not_grow_with_the_mesh(repo_root):
+    """One clip per device on 2 and on 8 fsdp devices: temporaries do not grow (they did, by the
+    activations of the whole fsdp group, before the hidden states were pinned to the batch axes:
+    `lsd_jax.activation_sharding`), and the state's shard shrinks about as 1/fsdp."""
+    tiny = ["model.frame_height=32", "model.frame_width=32", "model.hidden_size=64",
+            "model.depth=2", "model.num_heads=4", "model.window=4", "model.prompt_dim=16",
+            "data.clip_frames=4"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, json.dumps(tiny)],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    small, large = out["2"], out["8"]
+    assert large["temp_bytes"] <= small["temp_bytes"], out
+    assert large["argument_bytes"] <= 0.4 * small["argument_bytes"], out

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lsd_jax import objectives
+from lsd_jax.activation_sharding import batch_sharded_over
 from lsd_jax.checkpoint import save_model
 from lsd_jax.config import Config
 from lsd_jax.diffusion import make_process
@@ -202,7 +203,13 @@ def build_step(cfg: Config, mesh: jax.sharding.Mesh) -> ShardedStep:
     abstract = jax.eval_shape(functools.partial(init_state, cfg))
     shardings = state_shardings(cfg, mesh, abstract)
     batch_sh = sharding.batch_sharding(mesh)
-    step = jax.jit(make_train_step(cfg), in_shardings=(shardings, batch_sh),
+    train_step = make_train_step(cfg)
+
+    def step_on_mesh(state, batch):  # traced with activations split over the batch axes
+        with batch_sharded_over(mesh):
+            return train_step(state, batch)
+
+    step = jax.jit(step_on_mesh, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            abstract, shardings)
