@@ -32,14 +32,24 @@ def batch_sharded_over(mesh: Mesh, axes: tuple[str, ...] = ("data", "fsdp")):
         _ACTIVE.pop()
 
 
+def split_axes(mesh: Mesh, axes: tuple[str, ...], batch: int) -> tuple[str, ...]:
+    """The batch axes (in mesh order) to split `batch` rows over: the subset with the most devices
+    that divides `batch` (all of them for a full batch; fewer for a sub-batch such as the
+    shortcut clips, which then sit on a few devices instead of on all)."""
+    subsets = [tuple(a for i, a in enumerate(axes) if mask >> i & 1)
+               for mask in range(1, 2 ** len(axes))]
+    fits = [s for s in subsets if batch % math.prod(mesh.shape[a] for a in s) == 0]
+    return max(fits, key=lambda s: (math.prod(mesh.shape[a] for a in s), -len(s)), default=())
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """`x` with its leading (batch) axis split over the active mesh's batch axes and the others
-    replicated; unchanged outside `batch_sharded_over` or when the batch does not divide."""
+    """`x` with its leading (batch) axis split over the active mesh's batch axes (`split_axes`)
+    and the others replicated; unchanged outside `batch_sharded_over`."""
     if not _ACTIVE:
         return x
     mesh, axes = _ACTIVE[-1]
-    size = math.prod(mesh.shape[a] for a in axes)
-    if size == 1 or x.shape[0] % size:
+    split = split_axes(mesh, axes, x.shape[0])
+    if math.prod(mesh.shape[a] for a in split) == 1:
         return x
-    spec = PartitionSpec(axes, *([None] * (x.ndim - 1)))
+    spec = PartitionSpec(split, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

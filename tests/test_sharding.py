@@ -137,3 +137,17 @@ def test_per_device_memory_does_not_grow_with_the_mesh(repo_root):
     small, large = out["2"], out["8"]
     assert large["temp_bytes"] <= small["temp_bytes"], out
     assert large["argument_bytes"] <= 0.4 * small["argument_bytes"], out
+
+
+def test_sub_batches_split_over_the_axes_that_divide_them():
+    """A full batch splits over data x fsdp; the shortcut sub-batch (a quarter) over the largest
+    set of batch axes whose devices divide it."""
+    from lsd_jax.activation_sharding import split_axes
+
+    class FakeMesh:  # split_axes reads only .shape
+        shape = {"data": 16, "fsdp": 8, "tensor": 2}
+
+    assert split_axes(FakeMesh, ("data", "fsdp"), 256) == ("data", "fsdp")
+    assert split_axes(FakeMesh, ("data", "fsdp"), 64) == ("data",)
+    assert split_axes(FakeMesh, ("data", "fsdp"), 8) == ("fsdp",)
+    assert split_axes(FakeMesh, ("data", "fsdp"), 3) == ()
