@@ -30,9 +30,10 @@ from lsd_jax.errors import USER_ERRORS
 from lsd_jax.interop import parity_cli
 from serve import cli as serve_cli
 from train import cli as train_cli
+from train import latents
 
 # The modules whose `register(commands, add_command, bench)` adds their commands.
-COMMAND_MODULES = (parity_cli, train_cli, serve_cli)
+COMMAND_MODULES = (parity_cli, train_cli, serve_cli, latents)
 
 
 

@@ -262,7 +262,9 @@ class DataConfig:
     same for both, and the validation split of `lsd eval` always uses the classic five, so recipes
     on either are compared on the same clips. `prompt_phrasings`: a clip's prompt is drawn among
     its task's prompt and the task's other phrasings (`train/tasks.py`), so a model with a language
-    encoder learns the task, not one sentence.
+    encoder learns the task, not one sentence. "latents": clips already encoded by a codec
+    (`lsd data encode`, `train/latents.py`) in `latent_dir`, read without running the codec;
+    `codec_dir`, when set, names the codec weights the dataset must have been encoded with.
     """
 
     source: str = "procedural"
@@ -275,9 +277,11 @@ class DataConfig:
     heldout_images: int = 2
     photographs: str = "classic"
     prompt_phrasings: bool = False
+    latent_dir: str = ""
+    codec_dir: str = ""
 
     def __post_init__(self):
-        _check_choice("data.source", self.source, ("procedural", "video_folder"))
+        _check_choice("data.source", self.source, ("procedural", "video_folder", "latents"))
         _check_positive("data.fps", self.fps)
         if self.clip_frames < 2:
             raise ConfigError(f"data.clip_frames={self.clip_frames}, expected >= 2 frames")

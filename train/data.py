@@ -274,8 +274,9 @@ def make_source(cfg: Config, split: str = "train"):
     """The clip source `cfg.data` describes, at the model's frame size."""
     d, m = cfg.data, cfg.model
     if cfg.codec != "pixel":
-        raise ConfigError(f"codec={cfg.codec!r}: training data is decoded to pixels; the training "
-                          "pipeline needs codec='pixel'")
+        raise ConfigError(f"codec={cfg.codec!r}: data.source={d.source!r} gives pixel clips; for a "
+                          "latent codec encode them once with `lsd data encode` and train with "
+                          "data.source=latents data.latent_dir=DIR")
     if d.source == "procedural":
         return ProceduralClips(d.clip_frames, m.frame_height, m.frame_width, seed=d.shuffle_seed,
                                split=split, heldout_images=d.heldout_images,
@@ -301,8 +302,14 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
     if batch % process_count:
         raise ConfigError(f"train.batch_size={batch} is not divisible by the process count "
                           f"{process_count}")
-    source = make_source(cfg, split)
-    items = grain.MapDataset.source(PairedClips(source, cfg, cfg.data.shuffle_seed))
+    if cfg.data.source == "latents":
+        from train.latents import LatentClips
+
+        source = LatentClips(cfg)  # already paired and encoded
+        items = grain.MapDataset.source(source)
+    else:
+        source = make_source(cfg, split)
+        items = grain.MapDataset.source(PairedClips(source, cfg, cfg.data.shuffle_seed))
     if len(source) != ENDLESS:
         items = items.shuffle(seed=cfg.data.shuffle_seed).repeat(None)
     local = grain.MapDataset.range(sys.maxsize // batch).map(

@@ -3,8 +3,9 @@
 In:  a `Config` (model, diffusion objective, `data`, `train`, `mesh`) and a work directory.
 Out: under the work directory,
     checkpoints/STEP/{state,data}  orbax: train state (step, params, AdamW state, EMA) and the
-                                   grain iterator state; async, every `train.save_every` steps,
-                                   at the end, and on SIGTERM/SIGINT; the last `train.keep` kept
+                                   grain iterator state of every process (`train.checkpointing`);
+                                   async, every `train.save_every` steps, at the end, and on
+                                   SIGTERM/SIGINT; the last `train.keep` kept
     model/                         the EMA weights as a model checkpoint (`lsd_jax.checkpoint`:
                                    what stream/serve/export read), rewritten at every save
     tb/                            TensorBoard events;  metrics.jsonl  one line per logged step
@@ -43,6 +44,7 @@ from lsd_jax.diffusion import make_process
 from lsd_jax.errors import CheckpointError, ConfigError
 from lsd_jax.model import DiT, abstract_model, model_from_params
 from train import sharding, tasks
+from train.checkpointing import DataStateRestore, DataStateSave
 
 # ----------------------------------------------------------------------------- optimiser
 
@@ -131,10 +133,19 @@ def make_train_step(cfg: Config):
 
 
 def model_batch(cfg: Config, batch: dict) -> dict:
-    """Host uint8 clips -> the model-space float32 batch the step takes (pixel codec)."""
-    out = {"target": batch["target"].astype(np.float32) / 127.5 - 1.0}
+    """A host batch -> the model-space float32 batch the step takes: uint8 pixel clips through
+    the pixel codec's `encode`; latent clips (`data.source=latents`, encoded by their codec when
+    the dataset was written) as they are."""
+    from lsd_jax.codec import PixelCodec
+
+    def to_model(clips):
+        if clips.dtype == np.uint8:
+            return np.asarray(PixelCodec(*clips.shape[-3:-1]).encode(clips), np.float32)
+        return np.asarray(clips, np.float32)
+
+    out = {"target": to_model(batch["target"])}
     if cfg.model.cond_channels:
-        out["cond"] = batch["cond"].astype(np.float32) / 127.5 - 1.0
+        out["cond"] = to_model(batch["cond"])
     if cfg.model.prompt_dim:
         out["prompt"] = np.asarray(batch["prompt"], np.float32)
     if cfg.model.external_cond_dim:
@@ -259,29 +270,39 @@ def checkpoint_manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
-    """Start an async save of the state and the grain iterator state at `state["step"]`."""
+    """Start an async save of the state and of this process's grain iterator state (every process
+    saves its own: `train.checkpointing`) at `state["step"]`."""
     step = int(jax.device_get(state["step"]))
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave(data_state)), force=True)
+                                               data=DataStateSave(data_state)), force=True)
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager,
                        abstract_state: dict) -> tuple[int, dict, dict] | None:
-    """`(step, state, data_state)` of the newest checkpoint that restores, onto the shardings of
-    `abstract_state`; a damaged newer one is skipped with a warning naming it and, once an older
-    one restores, moved aside to `STEP.damaged-TIME` (so the run can save that step again). None
-    if there is no checkpoint."""
+    """`(step, state, data_state)` of the newest checkpoint that restores on every process, onto
+    the shardings of `abstract_state`, with this process's own `data_state`; a damaged newer one
+    (on any process) is skipped with a warning naming it and, once an older one restores, moved
+    aside to `STEP.damaged-TIME` (so the run can save that step again). None if there is no
+    checkpoint. A checkpoint the run cannot continue exactly (data positions of another process
+    count that differ) is a `ConfigError`."""
     steps = sorted(manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
+        error = None
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+        except ConfigError:
+            raise
         # Damaged files surface as many types (tensorstore ValueError, OSError, KeyError...).
         except Exception as err:  # noqa: BLE001
-            first = (str(err).strip().splitlines() or [""])[0][:200]
+            error = err
+        if not _all_processes(error is None):
+            first = (str(error).strip().splitlines() or [""])[0][:200] if error else (
+                "damaged on another process")
+            kind = f"{type(error).__name__}: " if error else ""
             warnings.warn(f"checkpoint step {step} in {manager.directory} cannot be restored "
-                          f"({type(err).__name__}: {first}); trying an older one", stacklevel=2)
+                          f"({kind}{first}); trying an older one", stacklevel=2)
             damaged.append(step)
             continue
         for bad in damaged:
@@ -293,6 +314,15 @@ def restore_checkpoint(manager: ocp.CheckpointManager,
         raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps "
                               f"{steps})")
     return None
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether `ok` holds on every process (they then agree on the step they restore)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
