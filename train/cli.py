@@ -5,7 +5,9 @@
         train.batch_size=64
 
 Several processes (`jax.distributed`): `--coordinator HOST:PORT --num-processes N --process-id I`,
-or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; with
+none of them, under SLURM (`srun`), Open MPI (`mpirun`) and on Cloud TPU VMs / GKE TPU pods
+`jax.distributed.initialize()` finds them itself (`cluster_env`).
 `--devices N` simulates N CPU devices (compile and memory planning without the hardware).
 Exit status 0 when the run finished, 128 + the signal number when SIGTERM/SIGINT stopped it
 (after saving).
@@ -55,20 +57,60 @@ def register(commands, add_command, bench) -> None:
 
 
 def _distributed_args(args) -> dict | None:
-    """`jax.distributed.initialize` arguments from the flags, else the environment; None when
-    neither names a coordinator (a single process)."""
+    """`jax.distributed.initialize` arguments: the flags, else the environment variables, else
+    `{}` (JAX detects everything) in a managed cluster of several processes (`cluster_env`; not
+    looked for with `--devices`); None for a single process (no coordinator named, no cluster,
+    or a process count of 1)."""
     env = os.environ
     address = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-    if address is None:
-        return None
     count = args.num_processes or env.get("JAX_NUM_PROCESSES")
     pid = args.process_id if args.process_id is not None else env.get("JAX_PROCESS_ID")
-    if count is None or pid is None:
+    if count is not None and int(count) == 1:
+        return None
+    cluster = None if getattr(args, "devices", None) is not None else cluster_env()
+    if address is None and cluster is None:
+        if count is None and pid is None:
+            return None
+        from lsd_jax.errors import ConfigError
+
+        raise ConfigError("--num-processes/--process-id (or JAX_NUM_PROCESSES/JAX_PROCESS_ID) "
+                          "given without a coordinator (--coordinator HOST:PORT or "
+                          "JAX_COORDINATOR_ADDRESS)")
+    if cluster is None and (count is None or pid is None):
         from lsd_jax.errors import ConfigError
 
         raise ConfigError(f"coordinator {address!r} given without the process count and id "
                           "(--num-processes/--process-id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
-    return {"coordinator_address": address, "num_processes": int(count), "process_id": int(pid)}
+    # What is not given here, jax.distributed.initialize() reads from the cluster.
+    given = {"coordinator_address": address, "num_processes": count, "process_id": pid}
+    return {k: v if k == "coordinator_address" else int(v) for k, v in given.items()
+            if v is not None}
+
+
+def cluster_env() -> str | None:
+    """The managed cluster `jax.distributed.initialize()` configures itself from with no
+    arguments, when this process is one of several: "slurm" (a task of `srun`), "openmpi"
+    (`mpirun`) or "tpu" (the workers of a Cloud TPU pod slice, on TPU VMs or GKE); else None."""
+    env = os.environ
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+             "SLURM_LOCALID")
+    if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "openmpi"
+    # Set when `import jax` found TPU chips and libtpu.
+    from jax._src import cloud_tpu_init
+
+    if cloud_tpu_init.running_in_cloud_tpu_vm:
+        try:  # the workers of every slice: TPU_WORKER_HOSTNAMES on GKE, else the VM's metadata
+            from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster, GkeTpuCluster
+
+            if any(c.is_env_present() and c.get_process_count() > 1
+                   for c in (GkeTpuCluster, GceTpuCluster)):
+                return "tpu"
+        except (ImportError, AttributeError):  # another JAX: let initialize() decide
+            return "tpu"
+    return None
 
 
 def _run_train(args: argparse.Namespace) -> int:
