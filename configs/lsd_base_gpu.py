@@ -7,15 +7,10 @@ section 7); bfloat16 compute. Runs on CUDA GPUs; on another machine it lowers an
 `cuda` (`lsd export --config configs/lsd_base_gpu.py --platforms cuda`) but does not run.
 """
 
-import dataclasses
-
 from configs import lsd_base
+from configs._gpu import gpu_preset
 from lsd_jax.config import Config
 
 
 def get_config() -> Config:
-    base = lsd_base.get_config()
-    return dataclasses.replace(
-        base, name="lsd_base_gpu",
-        model=dataclasses.replace(base.model, attention_impl="pallas_triton",
-                                  norm_impl="pallas_triton", dtype="bfloat16"))
+    return gpu_preset(lsd_base.get_config())

@@ -7,15 +7,10 @@ section 7); bfloat16 compute. Runs on CUDA GPUs; on another machine it lowers an
 `cuda` (`lsd export --config configs/oasis_500m_gpu.py --platforms cuda`) but does not run.
 """
 
-import dataclasses
-
 from configs import oasis_500m
+from configs._gpu import gpu_preset
 from lsd_jax.config import Config
 
 
 def get_config() -> Config:
-    base = oasis_500m.get_config()
-    return dataclasses.replace(
-        base, name="oasis_500m_gpu",
-        model=dataclasses.replace(base.model, attention_impl="pallas_triton",
-                                  norm_impl="pallas_triton", dtype="bfloat16"))
+    return gpu_preset(oasis_500m.get_config())

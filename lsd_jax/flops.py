@@ -158,13 +158,8 @@ def _attr(text: str, name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def hlo_matmul_flops(hlo_text: str) -> HloFlops:
-    """Dot and convolution FLOPs (`2 * out elements * contraction size`) of an HLO module text.
-
-    Follows fusions and calls once, while bodies `known_trip_count` times (XLA annotates loops
-    from `lax.scan`/`fori_loop` in optimized HLO), conditionals by their most expensive branch.
-    Works on `compiled.as_text()` and on pre-optimization HLO.
-    """
+def parse_hlo(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
+    """An HLO module's text -> `({computation: [(instruction, result type, op text)]}, entry)`."""
     computations: dict[str, list[tuple[str, str, str]]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -182,6 +177,17 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
             computations[current].append((match.group(1), type_text, op_text))
     if entry is None:
         raise ValueError("HLO text has no ENTRY computation")
+    return computations, entry
+
+
+def hlo_matmul_flops(hlo_text: str) -> HloFlops:
+    """Dot and convolution FLOPs (`2 * out elements * contraction size`) of an HLO module text.
+
+    Follows fusions and calls once, while bodies `known_trip_count` times (XLA annotates loops
+    from `lax.scan`/`fori_loop` in optimized HLO), conditionals by their most expensive branch.
+    Works on `compiled.as_text()` and on pre-optimization HLO.
+    """
+    computations, entry = parse_hlo(hlo_text)
 
     unknown = 0
     memo: dict[str, int] = {}

@@ -75,14 +75,12 @@ from pathlib import Path
 
 from lsd_jax.config import Config
 from lsd_jax.flops import (
-    _COMPUTATION,
-    _INSTRUCTION,
     _TRIP_COUNT,
     _attr,
     _operand_names,
-    _split_type,
     dit_flops,
     hlo_matmul_flops,
+    parse_hlo,
 )
 
 # ----------------------------------------------------------------------------- hardware
@@ -149,24 +147,10 @@ class _Inst:
 
 
 def _parse(hlo_text: str) -> tuple[dict[str, list[_Inst]], str]:
-    computations: dict[str, list[_Inst]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            match = _COMPUTATION.match(line)
-            if match:
-                current = match.group(1)
-                computations[current] = []
-                if line.startswith("ENTRY"):
-                    entry = current
-            continue
-        match = _INSTRUCTION.match(line)
-        if current is not None and match:
-            type_text, op_text = _split_type(match.group(2))
-            op = op_text.split("(", 1)[0]
-            computations[current].append(_Inst(match.group(1), type_text, op, op_text))
-    if entry is None:
-        raise ValueError("HLO text has no ENTRY computation")
+    parsed, entry = parse_hlo(hlo_text)
+    computations = {name: [_Inst(inst, type_text, op_text.split("(", 1)[0], op_text)
+                           for inst, type_text, op_text in insts]
+                    for name, insts in parsed.items()}
     return computations, entry
 
 
