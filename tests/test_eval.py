@@ -119,22 +119,22 @@ def test_report_sections_are_replaced_and_the_rest_kept(tmp_path):
 # ----------------------------------------------------------------------------- the demo model
 
 # Measured on the shipped weights with these exact settings (1 held-out clip of 12 frames per
-# task, seed 0): per-frame tasks 22.77 dB and temporal task 22.09 dB at 3 steps (22.79 / 21.32 at
-# 12 steps), weakest task pencil_sketch 10.44 dB; the short drift stream (500 frames,
-# period 100) 22.80 dB over its first period, 22.86 dB over its last.
-# The bounds sit ~0.7 dB under those figures (seeds 1 and 2 give 23.79 and 19.39 dB per-frame:
-# the clip-to-clip spread is large), so a changed model or pipeline that loses quality fails.
-# EVAL.md has the full evaluation.
+# task, seed 0): per-frame tasks 26.67 dB and temporal task 24.56 dB at 3 steps (26.43 / 23.57 at
+# 12 steps), weakest task pencil_sketch 11.67 dB; the short drift stream (500 frames,
+# period 100) 25.87 dB over its first period, 25.86 dB over its last.
+# The bounds sit ~0.7 dB under those figures (the clip-to-clip spread is large), so a changed
+# model or pipeline that loses quality fails. EVAL.md has the full evaluation.
 QUALITY_CLIPS, QUALITY_FRAMES = 1, 12
-DEMO_PER_FRAME_PSNR_3 = 22.0
-DEMO_TEMPORAL_PSNR_3 = 21.4
-DEMO_TASK_PSNR_FLOOR = 9.7
-DEMO_DRIFT_PSNR_FLOOR = 22.1
+DEMO_PER_FRAME_PSNR_3 = 26.0
+DEMO_TEMPORAL_PSNR_3 = 23.9
+DEMO_TASK_PSNR_FLOOR = 11.0
+DEMO_DRIFT_PSNR_FLOOR = 25.2
 # Tasks whose held-out paraphrases the shipped model reads as their own task (margin over the
-# nearest other task, 1 clip x 8 frames at 3 steps: 0.84 .. 24.4 dB). The paraphrases of the
-# pencil sketch, watercolour and cartoon are not all there yet (-1.54, -0.37, -1.35 dB for one
-# of each two; EVAL.md "Paraphrases").
-PARAPHRASED_TASKS = ("thermal", "night_vision", "sepia", "negative", "edge_glow", "motion_trails")
+# nearest other task, 1 clip x 8 frames at 3 steps: 0.71 .. 26.6 dB) by more than 0.5 dB. Every
+# paraphrase of every task reads as its task at these settings; the cartoon's "a cartoon" by
+# 0.43 dB (EVAL.md "Paraphrases", 2 clips x 12 frames: 18 of 18, smallest margin 0.62 dB).
+PARAPHRASED_TASKS = ("pencil_sketch", "stylise", "thermal", "night_vision", "sepia", "negative",
+                     "edge_glow", "motion_trails")
 
 
 @pytest.fixture(scope="module")
@@ -287,14 +287,13 @@ def test_progress_without_a_terminal_prints_at_least_every_interval(capsys, monk
 @pytest.mark.slow
 def test_demo_model_reads_paraphrases_as_their_task(demo):
     """Every trained prompt's output is closer to its own task's target than to any other
-    task's; so are the outputs of the held-out paraphrases (never trained on) of the tasks in
-    PARAPHRASED_TASKS."""
+    task's; so are the outputs of every held-out paraphrase (never trained on), by more than
+    0.5 dB for the tasks in PARAPHRASED_TASKS."""
     from train.eval_paraphrase import evaluate_paraphrases
 
     result = evaluate_paraphrases(demo, steps=3, clips=1, frames=8, progress=False)
     for name, task in result["tasks"].items():
         assert task["prompt"]["margin"] > 0.2, (name, task["prompt"])
-        if name in PARAPHRASED_TASKS:
-            for row in task["paraphrases"]:
-                assert row["margin"] > 0.5, (name, row)
+        for row in task["paraphrases"]:
+            assert row["margin"] > (0.5 if name in PARAPHRASED_TASKS else 0.2), (name, row)
 
