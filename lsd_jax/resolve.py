@@ -24,6 +24,7 @@ class ResolvedModel(NamedTuple):
     describe: str
     untrained: bool
     trained_prompts: tuple[str, ...]
+    codec_dir: Path | None = None  # a model directory holding its codec (vae.json), if any
 
 
 def untrained_model(cfg: Config, seed: int = 0):
@@ -57,8 +58,9 @@ def resolve_model(checkpoint: str | Path | None = None, *, cfg: Config | None = 
     if checkpoint is not None:
         directory = model_directory(checkpoint)
         ckpt_cfg, model = load_model(directory, overrides)
+        codec_dir = directory if (directory / "vae.json").is_file() else None
         return ResolvedModel(ckpt_cfg, model, f"checkpoint {checkpoint}", False,
-                             load_trained_prompts(directory))
+                             load_trained_prompts(directory), codec_dir)
     if cfg is None:
         from lsd_jax.demo import demo_model_dir
 

@@ -132,14 +132,17 @@ def context_frame(cfg: Config, process, x0, key):
     return process.add_noise(x0, eps, jnp.full(x0.shape[:-3], cfg.diffusion.ctx_level))
 
 
-def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False):
-    """The jitted pixel-space step: uint8 `[b, H, W, 3]` in and out, state donated.
+def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False,
+              codec=None):
+    """The jitted pixel-space step: uint8 `[b, H, W, 3]` in and out, state donated; frames go
+    through `codec` (default `make_codec(cfg)`, the pixel codec; a latent model's VAE codec is
+    loaded from its directory by the caller).
 
     `step(params, state, frame_bhwc, prompt_bp=None, external_bx=None) -> (state, out_bhwc)`.
     """
     from lsd_jax.codec import make_codec
 
-    codec = make_codec(cfg)
+    codec = make_codec(cfg) if codec is None else codec
     latent_step = make_latent_step(cfg, graphdef, steps=steps, unroll=unroll)
     uses_frame = cfg.model.cond_channels > 0
 

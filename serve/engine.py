@@ -102,9 +102,12 @@ class Engine:
 
 
 def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
-                 max_steps: int | None = None, trained_prompts: tuple[str, ...] = ()) -> Engine:
+                 max_steps: int | None = None, trained_prompts: tuple[str, ...] = (),
+                 codec_dir=None) -> Engine:
     """An engine running `make_step` in process: any batch size, steps 1..`max_steps`;
-    `trained_prompts` as recorded with the weights (`lsd_jax.checkpoint.load_trained_prompts`)."""
+    `trained_prompts` as recorded with the weights (`lsd_jax.checkpoint.load_trained_prompts`);
+    frames through the codec stored in `codec_dir` (a latent model's directory), else the
+    config's pixel codec."""
     from flax import nnx
 
     from lsd_jax.codec import make_codec
@@ -119,13 +122,14 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
     device = jax.devices()[0]
     params = jax.device_put(params, device)
     max_steps = cfg.diffusion.sample_steps if max_steps is None else max_steps
-    steps = {k: make_step(cfg, graphdef, steps=k) for k in range(1, max_steps + 1)}
+    codec = make_codec(cfg, codec_dir)
+    steps = {k: make_step(cfg, graphdef, steps=k, codec=codec) for k in range(1, max_steps + 1)}
 
     def step_for(batch, k):
         return lambda state, frame, prompt, external: steps[k](params, state, frame, prompt,
                                                               external)
 
-    return Engine(frame_hw=make_codec(cfg).frame_hw, steps=tuple(steps), batches=None,
+    return Engine(frame_hw=codec.frame_hw, steps=tuple(steps), batches=None,
                   describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),
                   external_dim=cfg.model.external_cond_dim,
                   _init_state=lambda batch, seed: jax.device_put(init_stream(cfg, batch, seed),
@@ -159,4 +163,4 @@ def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
     resolved = resolve_model(checkpoint, cfg=cfg, seed=seed)
     return model_engine(resolved.cfg, resolved.model, describe=resolved.describe,
                         untrained=resolved.untrained, max_steps=max_steps,
-                        trained_prompts=resolved.trained_prompts)
+                        trained_prompts=resolved.trained_prompts, codec_dir=resolved.codec_dir)

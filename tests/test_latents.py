@@ -96,3 +96,27 @@ def test_dataset_of_another_codec_is_refused(encoded):
         proc = _lsd(*base, *extra, check=False)
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr)
+
+
+def test_latent_model_streams_through_its_codec(encoded):
+    """The trained latent model's directory holds its codec, so `lsd stream` encodes the input
+    frames and decodes the outputs through it (32x32 frames out of 4x4x4 latents)."""
+    import cv2
+
+    work = encoded / "run"
+    if not (work / "model").exists():
+        pytest.skip("needs test_latent_dit_trains_on_the_dataset's run")
+    assert (work / "model" / "vae.json").is_file() and (work / "model" / "vae").is_dir()
+    out = encoded / "stream.mp4"
+    proc = _lsd("stream", "--checkpoint", str(work), "--input", "demo", "--prompt",
+                "a pencil sketch", "--out", str(out), "--max-frames", "6", "--no-progress")
+    assert out.stat().st_size > 0, proc.stdout
+    video = cv2.VideoCapture(str(out))
+    frames = []
+    while True:
+        ok, frame = video.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == 6 and frames[0].shape[:2] == (32, 32), (len(frames), frames[0].shape)
+    assert float(np.std(np.stack(frames))) > 1.0

@@ -410,7 +410,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def export_model(workdir: Path, cfg: Config, ema: dict) -> Path:
     """Write the EMA weights as the model checkpoint `workdir/model` (replacing the old one only
-    once the new one is complete)."""
+    once the new one is complete); a latent model trained with `data.codec_dir` gets a copy of
+    its codec beside it (`vae.json`, `vae/`), as `lsd convert oasis` writes one."""
     final, tmp, old = (workdir.absolute() / name for name in ("model", "model.tmp", "model.old"))
     for path in (tmp, old):
         if jax.process_index() == 0 and path.exists():
@@ -419,6 +420,12 @@ def export_model(workdir: Path, cfg: Config, ema: dict) -> Path:
     save_model(tmp, cfg, model_from_params(cfg.model, ema),
                trained_prompts=tasks.trained_prompts(cfg.model.prompt_dim, cfg.data.tasks,
                                                      cfg.data.prompt_phrasings))
+    if cfg.codec != "pixel" and cfg.data.codec_dir and jax.process_index() == 0:
+        # The codec goes with the model, so stream / eval / export decode through it.
+        for name in ("vae.json", "vae"):
+            source = Path(cfg.data.codec_dir) / name
+            copy = shutil.copytree if source.is_dir() else shutil.copy2
+            copy(source, tmp / name)
     _sync("export-written")
     if jax.process_index() == 0:
         if final.exists():
