@@ -65,3 +65,12 @@ def compile_log() -> list[str]:
     finally:
         logger.removeHandler(handler)
         jax.config.update("jax_log_compiles", previous)
+
+
+def simulated_devices_env(count: int) -> dict:
+    """The environment of a subprocess that sees `count` simulated CPU devices."""
+    import os
+
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={count}"}

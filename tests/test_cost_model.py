@@ -11,13 +11,12 @@ ranges.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, simulated_devices_env
 
 from train.cost_model import HARDWARE, Hardware, hlo_costs, predict, replica_group_size
 
@@ -190,9 +189,7 @@ TINY = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
 
 @pytest.fixture(scope="module")
 def compiled_costs():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-           + " --xla_force_host_platform_device_count=8"}
+    env = simulated_devices_env(8)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(TINY)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

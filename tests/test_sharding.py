@@ -12,13 +12,13 @@ directly in-process.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+from conftest import simulated_devices_env
 from jax.sharding import PartitionSpec
 
 from train import sharding
@@ -82,9 +82,7 @@ def test_rule_table_maps_logical_axes():
 
 @pytest.mark.slow
 def test_sharded_step_matches_single_device(repo_root):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-           + " --xla_force_host_platform_device_count=8"}
+    env = simulated_devices_env(8)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(TINY)], cwd=repo_root,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,9 +125,7 @@ def test_per_device_memory_does_not_grow_with_the_mesh(repo_root):
     tiny = ["model.frame_height=32", "model.frame_width=32", "model.hidden_size=64",
             "model.depth=2", "model.num_heads=4", "model.window=4", "model.prompt_dim=16",
             "data.clip_frames=4"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-           + " --xla_force_host_platform_device_count=8"}
+    env = simulated_devices_env(8)
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, json.dumps(tiny)],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -139,8 +139,8 @@ def model_batch(cfg: Config, batch: dict) -> dict:
     from lsd_jax.codec import PixelCodec
 
     def to_model(clips):
-        if clips.dtype == np.uint8:
-            return np.asarray(PixelCodec(*clips.shape[-3:-1]).encode(clips), np.float32)
+        if clips.dtype == np.uint8:  # float32 in [-1, 1], left where the codec computed it
+            return PixelCodec(*clips.shape[-3:-1]).encode(clips)
         return np.asarray(clips, np.float32)
 
     out = {"target": to_model(batch["target"])}
