@@ -55,10 +55,6 @@ class Backend:
                 dimension_semantics=tuple(semantics))}
         raise ValueError(f"backend {self.name!r} has no pallas_call parameters")
 
-    @property
-    def needs_power_of_two(self) -> bool:
-        return self.name == "triton"
-
 
 TRITON = Backend("triton", "cuda")
 MOSAIC_TPU = Backend("mosaic_tpu", "tpu")
