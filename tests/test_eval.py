@@ -242,6 +242,21 @@ def test_eval_drift_short_stream_does_not_degrade(tmp_path, capsys):
     assert main(["eval", "drift", "--frames", "150", "--period", "100"]) == 2
 
 
+def test_drift_leaves_its_figures_so_far_behind():
+    """A long drift run hands out the PSNR of the frames scored so far every `partial_every`
+    frames: each hand-out is a prefix of the final per-frame PSNR, bit for bit."""
+    from train import evaluate
+
+    model = evaluate.resolve_model("demo")
+    seen = []
+    result = evaluate.evaluate_drift(model, frames=250, period=100, progress=False,
+                                     partial_every=100, on_partial=lambda p: seen.append(p.copy()))
+    assert [len(p) for p in seen] == [100, 200]
+    for p in seen:
+        np.testing.assert_array_equal(p, result["psnr"][:len(p)])
+    assert np.isfinite(result["psnr"]).all() and result["psnr"].min() > 15
+
+
 def test_browser_page_offers_the_trained_prompts():
     """The page's prompt list is the demo model's training prompts, exactly."""
     import re

@@ -226,6 +226,10 @@ def _register_eval(commands) -> None:
                              "depends on the model's own past outputs)")
     parser.add_argument("--period", type=int_in(1), default=1000,
                         help="period of the drift camera path, frames (first/last windows)")
+    parser.add_argument("--save-every", type=int_in(1), default=10_000,
+                        help="drift with --out: write the PSNR of the frames so far every N "
+                             "frames (<section>_<model>_psnr.partial.npz), so a stream of hours "
+                             "that is stopped keeps its figures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="directory for JSON, PNG and npz (default: write no files)")
@@ -307,13 +311,21 @@ def _run_eval(args: argparse.Namespace) -> int:
         frames = args.frames or 3000
         results = []
         for m in models:
-            r = evaluate.evaluate_drift(m, frames=frames, steps=steps, task=args.task,
-                                        period=args.period, seed=args.seed,
-                                        progress=not args.no_progress)
+            on_partial = None
             if out_dir:
                 out_dir.mkdir(parents=True, exist_ok=True)
+                partial_path = out_dir / f"{section}_{_slug(m.label)}_psnr.partial.npz"
+
+                def on_partial(psnr, path=partial_path):
+                    np.savez_compressed(path, psnr=psnr)
+            r = evaluate.evaluate_drift(m, frames=frames, steps=steps, task=args.task,
+                                        period=args.period, seed=args.seed,
+                                        progress=not args.no_progress,
+                                        partial_every=args.save_every, on_partial=on_partial)
+            if out_dir:
                 np.savez_compressed(out_dir / f"{section}_{_slug(m.label)}_psnr.npz",
                                     psnr=r["psnr"])
+                partial_path.unlink(missing_ok=True)
             results.append(r)
             print(f"{m.label}: PSNR first {args.period} {r['first_mean']:.2f} dB, last "
                   f"{r['last_mean']:.2f} dB ({r['delta_db']:+.2f}) over {frames:,} frames",

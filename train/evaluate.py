@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -253,8 +254,12 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
 
 def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str = "motion_trails",
                    period: int = 1000, seed: int = 0, progress: bool = True,
-                   keep_frames: tuple[int, ...] = ()) -> dict:
+                   keep_frames: tuple[int, ...] = (), partial_every: int = 0,
+                   on_partial: Callable[[np.ndarray], None] | None = None) -> dict:
     """Stream `frames` frames of the endless held-out path restyled by `task`; PSNR per frame.
+
+    With `on_partial`, it is called with the PSNR of the frames scored so far every
+    `partial_every` frames, so a stream of hours leaves its figures behind if it is stopped.
 
     Returns `{"psnr": float32 [frames], "first_mean", "last_mean", "delta_db", ...}` with
     first/last over `period` frames each (the same input frames when `frames` is a multiple of
@@ -285,6 +290,8 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
         def finish(j, out, target, frame):
             out_np = np.asarray(out[0])
             psnr[j] = frame_psnr(target, out_np)
+            if on_partial is not None and partial_every and (j + 1) % partial_every == 0:
+                on_partial(psnr[:j + 1])
             if j in keep:
                 kept[j] = (frame, out_np, target)
 
