@@ -242,19 +242,36 @@ def test_eval_drift_short_stream_does_not_degrade(tmp_path, capsys):
     assert main(["eval", "drift", "--frames", "150", "--period", "100"]) == 2
 
 
-def test_drift_leaves_its_figures_so_far_behind():
-    """A long drift run hands out the PSNR of the frames scored so far every `partial_every`
-    frames: each hand-out is a prefix of the final per-frame PSNR, bit for bit."""
+def test_drift_stopped_and_resumed_equals_an_uninterrupted_stream(tmp_path):
+    """A drift stream checkpoints every `checkpoint_every` frames; resumed from a checkpoint (read
+    back from disk), its per-frame PSNR equals the uninterrupted stream's bit for bit; a
+    checkpoint of another run is refused."""
     from train import evaluate
 
     model = evaluate.resolve_model("demo")
-    seen = []
-    result = evaluate.evaluate_drift(model, frames=250, period=100, progress=False,
-                                     partial_every=100, on_partial=lambda p: seen.append(p.copy()))
-    assert [len(p) for p in seen] == [100, 200]
-    for p in seen:
-        np.testing.assert_array_equal(p, result["psnr"][:len(p)])
-    assert np.isfinite(result["psnr"]).all() and result["psnr"].min() > 15
+    ckpts = []
+    whole = evaluate.evaluate_drift(model, frames=250, period=100, progress=False,
+                                    checkpoint_every=100, on_checkpoint=ckpts.append)
+    assert [c["next_frame"] for c in ckpts] == [100, 200]
+    path = tmp_path / "drift_checkpoint.npz"
+    evaluate.save_drift_checkpoint(path, ckpts[0])
+    resumed = evaluate.evaluate_drift(model, frames=250, period=100, progress=False,
+                                      resume=evaluate.load_drift_checkpoint(path))
+    np.testing.assert_array_equal(resumed["psnr"], whole["psnr"])
+    assert np.isfinite(whole["psnr"]).all() and whole["psnr"].min() > 15
+    # the command: `lsd eval drift --resume` picks up the checkpoint in --out, then removes it
+    from lsd_jax.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    evaluate.save_drift_checkpoint(out / "drift_demo_checkpoint.npz", ckpts[1])
+    assert main(["eval", "drift", "--frames", "250", "--period", "100", "--out", str(out),
+                 "--resume", "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.load(out / "drift_demo_psnr.npz")["psnr"], whole["psnr"])
+    assert not (out / "drift_demo_checkpoint.npz").exists()
+    assert main(["eval", "drift", "--frames", "250", "--period", "100", "--resume"]) == 2
+    with pytest.raises(ConfigError, match="not of this run"):
+        evaluate.evaluate_drift(model, frames=300, period=100, progress=False, resume=ckpts[0])
 
 
 def test_browser_page_offers_the_trained_prompts():

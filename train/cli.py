@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+from functools import partial
 
 from lsd_jax.args import int_in, step_counts
 
@@ -226,10 +227,14 @@ def _register_eval(commands) -> None:
                              "depends on the model's own past outputs)")
     parser.add_argument("--period", type=int_in(1), default=1000,
                         help="period of the drift camera path, frames (first/last windows)")
-    parser.add_argument("--save-every", type=int_in(1), default=10_000,
-                        help="drift with --out: write the PSNR of the frames so far every N "
-                             "frames (<section>_<model>_psnr.partial.npz), so a stream of hours "
-                             "that is stopped keeps its figures")
+    parser.add_argument("--save-every", type=int_in(1), default=5_000,
+                        help="drift with --out: checkpoint the stream every N frames "
+                             "(<section>_<model>_checkpoint.npz: the PSNR so far and the stream's "
+                             "state), so a stream of hours can be stopped and resumed")
+    parser.add_argument("--resume", action="store_true",
+                        help="drift: continue from the checkpoint in --out (the same run: model, "
+                             "frames, steps, task, period, seed); the result equals an "
+                             "uninterrupted run's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="directory for JSON, PNG and npz (default: write no files)")
@@ -310,22 +315,28 @@ def _run_eval(args: argparse.Namespace) -> int:
         steps = args.steps[0] if args.steps else 3
         frames = args.frames or 3000
         results = []
+        if args.resume and not out_dir:
+            raise ConfigError("lsd eval drift --resume: expected --out, the directory holding "
+                              "the run's checkpoint")
         for m in models:
-            on_partial = None
+            on_checkpoint, resume, ckpt_path = None, None, None
             if out_dir:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                partial_path = out_dir / f"{section}_{_slug(m.label)}_psnr.partial.npz"
-
-                def on_partial(psnr, path=partial_path):
-                    np.savez_compressed(path, psnr=psnr)
+                ckpt_path = out_dir / f"{section}_{_slug(m.label)}_checkpoint.npz"
+                on_checkpoint = partial(evaluate.save_drift_checkpoint, ckpt_path)
+                if args.resume and ckpt_path.is_file():
+                    resume = evaluate.load_drift_checkpoint(ckpt_path)
+                    print(f"{m.label}: resuming at frame {resume['next_frame']:,} of {frames:,} "
+                          f"from {ckpt_path}", file=sys.stderr)
             r = evaluate.evaluate_drift(m, frames=frames, steps=steps, task=args.task,
                                         period=args.period, seed=args.seed,
                                         progress=not args.no_progress,
-                                        partial_every=args.save_every, on_partial=on_partial)
+                                        checkpoint_every=args.save_every,
+                                        on_checkpoint=on_checkpoint, resume=resume)
             if out_dir:
                 np.savez_compressed(out_dir / f"{section}_{_slug(m.label)}_psnr.npz",
                                     psnr=r["psnr"])
-                partial_path.unlink(missing_ok=True)
+                ckpt_path.unlink(missing_ok=True)
             results.append(r)
             print(f"{m.label}: PSNR first {args.period} {r['first_mean']:.2f} dB, last "
                   f"{r['last_mean']:.2f} dB ({r['delta_db']:+.2f}) over {frames:,} frames",

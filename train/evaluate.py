@@ -43,13 +43,36 @@ TEMPORAL_TASKS = ("motion_trails",)
 
 
 class EvalModel(NamedTuple):
-    """A model to evaluate: its label, the spec it came from, config, graph and weights."""
+    """A model to evaluate: its label, the spec it came from, config, graph and weights, and the
+    codec its frames go through (`None`: the config's pixel codec; a latent model's VAE codec is
+    stored beside its weights)."""
 
     label: str
     spec: str
     cfg: Config
     graphdef: object
     state: object
+    codec: object = None
+
+    @property
+    def pixel_cfg(self) -> Config:
+        """The config the evaluation clips are drawn for: the model's own, or for a latent model
+        the pixel-space twin at its codec's frame size."""
+        if self.codec is None or self.codec.name == "pixel":
+            return self.cfg
+        from train.latents import pixel_twin
+
+        return pixel_twin(self.cfg, self.codec.frame_hw)
+
+    def step(self, steps: int):
+        """The jitted streaming step at `steps` denoising steps, bound to these weights (and the
+        codec's): `(state, frame_bhwc, prompt_bp=None) -> (state, out_bhwc)`."""
+        from lsd_jax.streaming import make_step
+
+        step = make_step(self.cfg, self.graphdef, steps=steps, codec=self.codec)
+        if self.codec is None:
+            return partial(step, self.state)
+        return partial(step, self.state, codec_params=self.codec.params)
 
 
 def resolve_model(spec: str) -> EvalModel:
@@ -63,6 +86,7 @@ def resolve_model(spec: str) -> EvalModel:
                               "directory, a training work directory or WORKDIR@STEP")
     from lsd_jax.resolve import resolve_model
 
+    codec_dir = None
     if path_spec == "demo":
         cfg, model = resolve_model()[:2]
     elif "@" in path_spec:
@@ -73,13 +97,21 @@ def resolve_model(spec: str) -> EvalModel:
             raise CheckpointError(f"model spec {spec!r}: {step_text!r} is not a step number "
                                   "(expected WORKDIR@STEP)") from None
         cfg, model = load_training_step(Path(workdir), step)
+        if (Path(workdir) / "model" / "vae.json").is_file():
+            codec_dir = Path(workdir) / "model"
     else:
         try:
-            cfg, model = resolve_model(path_spec)[:2]
+            resolved = resolve_model(path_spec)
         except CheckpointError as err:
             raise CheckpointError(f"model spec {spec!r}: {err}") from None
+        cfg, model, codec_dir = resolved.cfg, resolved.model, resolved.codec_dir
+    codec = None
+    if cfg.codec != "pixel":
+        from lsd_jax.codec import make_codec
+
+        codec = make_codec(cfg, codec_dir)
     graphdef, state = nnx.split(model)
-    return EvalModel(label or path_spec, path_spec, cfg, graphdef, state)
+    return EvalModel(label or path_spec, path_spec, cfg, graphdef, state, codec)
 
 
 def load_training_step(workdir: Path, step: int):
@@ -151,12 +183,11 @@ def stream_batch(model: EvalModel, cond_bthwc: np.ndarray, prompt_bp: np.ndarray
                  steps: int, seed: int = 0, on_frame=None) -> np.ndarray:
     """Stream `b` uint8 clips `[b, T, H, W, 3]` side by side through the jitted streaming step
     at `steps` denoising steps; returns the uint8 outputs `[b, T, H, W, 3]`."""
-    from lsd_jax.streaming import init_stream, make_step
+    from lsd_jax.streaming import init_stream
 
-    step = make_step(model.cfg, model.graphdef, steps=steps)
     batch, frames = cond_bthwc.shape[:2]
     outs = []
-    for item in stream_frames(partial(step, model.state), init_stream(model.cfg, batch, seed),
+    for item in stream_frames(model.step(steps), init_stream(model.cfg, batch, seed),
                               (cond_bthwc[:, i] for i in range(frames)), prompt_bp, timed=False):
         outs.append(item.out_bhwc)
         if on_frame is not None:
@@ -186,7 +217,7 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
     if clips < 1 or frames < 2:
         raise ConfigError(f"eval clips={clips}, frames={frames}: expected clips >= 1 and "
                           "frames >= 2")
-    names, prompts, cond, target, prompt_bp = heldout_pairs(model.cfg, clips=clips,
+    names, prompts, cond, target, prompt_bp = heldout_pairs(model.pixel_cfg, clips=clips,
                                                             frames=frames, seed=seed,
                                                             tasks=tasks, split=split)
     results = {name: {"prompt": p, "steps": {}} for name, p in zip(names, prompts, strict=True)}
@@ -207,7 +238,7 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
     if baselines:
         from train.baselines import BASELINES, baseline_outputs, fit_baselines, floor_of
 
-        fits = fit_baselines(model.cfg, tasks)
+        fits = fit_baselines(model.pixel_cfg, tasks)
         for ti, name in enumerate(names):
             rows = range(ti * clips, (ti + 1) * clips)
             per_clip = [baseline_outputs(fits[name], cond[r]) for r in rows]
@@ -252,69 +283,134 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
 # ----------------------------------------------------------------------------- drift
 
 
+def drift_run_key(model: EvalModel, *, frames: int, steps: int, task: str, period: int,
+                  seed: int) -> dict:
+    """What makes two drift runs the same stream (a checkpoint resumes only its own run)."""
+    return {"spec": model.spec, "frames": frames, "steps": steps, "task": task,
+            "period": period, "seed": seed}
+
+
+
+def save_drift_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write `evaluate_drift`'s checkpoint atomically (a stop while writing keeps the last one)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **checkpoint)
+    tmp.replace(path)
+
+
+def load_drift_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `save_drift_checkpoint`, as `evaluate_drift(resume=...)` takes it."""
+    try:
+        with np.load(path) as data:
+            ckpt = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"drift checkpoint {str(path)!r} is unreadable: {err}") from None
+    missing = sorted({"spec", "frames", "steps", "task", "period", "seed", "next_frame", "psnr",
+                      "has_carry", "carry", "seconds"} - set(ckpt))
+    if missing:
+        raise CheckpointError(f"drift checkpoint {str(path)!r} lacks {', '.join(missing)}: "
+                              "not written by lsd eval drift")
+    for k in ("spec", "task"):
+        ckpt[k] = str(ckpt[k])
+    for k in ("frames", "steps", "period", "seed", "next_frame"):
+        ckpt[k] = int(ckpt[k])
+    ckpt["has_carry"] = bool(ckpt["has_carry"])
+    return ckpt
+
+
 def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str = "motion_trails",
                    period: int = 1000, seed: int = 0, progress: bool = True,
-                   keep_frames: tuple[int, ...] = (), partial_every: int = 0,
-                   on_partial: Callable[[np.ndarray], None] | None = None) -> dict:
+                   keep_frames: tuple[int, ...] = (), checkpoint_every: int = 0,
+                   on_checkpoint: Callable[[dict], None] | None = None,
+                   resume: dict | None = None) -> dict:
     """Stream `frames` frames of the endless held-out path restyled by `task`; PSNR per frame.
 
-    With `on_partial`, it is called with the PSNR of the frames scored so far every
-    `partial_every` frames, so a stream of hours leaves its figures behind if it is stopped.
+    A stream of hours survives being stopped: with `on_checkpoint`, every `checkpoint_every`
+    frames it is called with a dict of numpy arrays and numbers (`drift_run_key`'s fields, the
+    PSNR so far, the stream state, the task's carry, the seconds so far); passing that dict back
+    as `resume` continues the stream from there, and the result equals an uninterrupted run's
+    bit for bit (the state holds the step's random key).
 
     Returns `{"psnr": float32 [frames], "first_mean", "last_mean", "delta_db", ...}` with
     first/last over `period` frames each (the same input frames when `frames` is a multiple of
     `period`), and `frames_kept` {i: (input, output, target)} for the indices in `keep_frames`.
     """
+    import jax.numpy as jnp
+
     from lsd_jax.prompt import make_prompt_encoder
-    from lsd_jax.streaming import init_stream, make_step
+    from lsd_jax.stream_state import StreamState
+    from lsd_jax.streaming import init_stream
+    from train.tasks import task_named
 
     if frames < 2 * period:
         raise ConfigError(f"drift frames={frames}, expected >= 2 * period ({2 * period}) so the "
                           "first and last periods do not overlap")
-    path = EndlessPath(model.cfg, seed=seed, period=period)
-    from train.tasks import task_named
-
+    key = drift_run_key(model, frames=frames, steps=steps, task=task, period=period, seed=seed)
+    path = EndlessPath(model.pixel_cfg, seed=seed, period=period)
     task_def = task_named(task)
-    target_of = task_def.stream()
     encoder = make_prompt_encoder(model.cfg)
     prompt_bp = None if encoder is None else np.asarray(
         encoder.encode(task_def.prompt), np.float32)[None]
-    step = make_step(model.cfg, model.graphdef, steps=steps)
-    state = init_stream(model.cfg, 1, seed)
+    step = model.step(steps)
     psnr = np.empty(frames, np.float32)
+    start, carry, seconds_before = 0, None, 0.0
+    state = init_stream(model.cfg, 1, seed)
+    if resume is not None:
+        theirs = {k: resume.get(k) for k in key}
+        if theirs != key:
+            raise ConfigError(f"drift checkpoint is of the run {theirs}, not of this run {key}")
+        start = int(resume["next_frame"])
+        psnr[:start] = resume["psnr"][:start]
+        state = StreamState(*(jnp.asarray(resume[f"state_{name}"]) for name in state._fields))
+        carry = resume["carry"] if resume["has_carry"] else None
+        seconds_before = float(resume["seconds"])
     kept, keep = {}, set(keep_frames)
     t0 = time.perf_counter()
-    with progress_bar(f"drift {model.label}", frames, enabled=progress) as tracker:
+    with progress_bar(f"drift {model.label}", frames, start=start,
+                      enabled=progress) as tracker:
         pending = None  # overlap: score frame i-1 while the step of frame i runs
 
         def finish(j, out, target, frame):
             out_np = np.asarray(out[0])
             psnr[j] = frame_psnr(target, out_np)
-            if on_partial is not None and partial_every and (j + 1) % partial_every == 0:
-                on_partial(psnr[:j + 1])
             if j in keep:
                 kept[j] = (frame, out_np, target)
 
         current = {}
 
         def path_frames():
-            for i in range(frames):
+            nonlocal carry
+            for i in range(start, frames):
                 frame = path.frame(i)
-                current["frame"], current["target"] = frame, target_of(frame)
+                target, carry = task_def.step(frame, carry)
+                current["frame"], current["target"] = frame, target
                 yield frame[None]
 
-        for item in stream_frames(partial(step, model.state), state, path_frames(), prompt_bp,
-                                  timed=False):
+        for item in stream_frames(step, state, path_frames(), prompt_bp, timed=False):
+            j = start + item.index
             if pending is not None:
                 finish(*pending)
-            pending = (item.index, item.out_bhwc, current["target"], current["frame"])
+            pending = (j, item.out_bhwc, current["target"], current["frame"])
             if item.index == 0:
                 item.out_bhwc.block_until_ready()
                 t0 = time.perf_counter()  # frame 0 compiled the step: time the others
             tracker.advance()
-        finish(*pending)
-    seconds = time.perf_counter() - t0
-    timed = max(frames - 1, 1)
+            if (on_checkpoint is not None and checkpoint_every and (j + 1) % checkpoint_every == 0
+                    and j + 1 < frames):
+                finish(*pending)
+                pending = None
+                # item.state is the state after frame j, not yet donated to the next step
+                on_checkpoint({**key, "next_frame": j + 1, "psnr": psnr[:j + 1].copy(),
+                               **{f"state_{name}": np.asarray(value)
+                                  for name, value in zip(item.state._fields, item.state,
+                                                         strict=True)},
+                               "has_carry": carry is not None,
+                               "carry": np.asarray(0 if carry is None else carry),
+                               "seconds": seconds_before + time.perf_counter() - t0})
+        if pending is not None:
+            finish(*pending)
+    seconds = seconds_before + time.perf_counter() - t0
+    timed = max(frames - 1 - (1 if start else 0), 1)  # each process compiles on its first frame
     first, last = float(psnr[:period].mean()), float(psnr[-period:].mean())
     return {"model": model.label, "spec": model.spec, "task": task, "prompt":
             task_def.prompt, "frames": frames, "steps": steps, "period": period,
