@@ -65,6 +65,15 @@ class PixelCodec:
         """The model-space frame: `(H, W, 3)` (the pixel grid itself)."""
         return (*self.frame_hw, 3)
 
+    @property
+    def params(self) -> dict:
+        """The codec's weights: none."""
+        return {}
+
+    def bind(self, params) -> PixelCodec:
+        """This codec (it has no weights to bind)."""
+        return self
+
     def encode(self, frames_uint8):
         """uint8 `[..., H, W, 3]` -> float32 `[..., H, W, 3]` in `[-1, 1]`."""
         check_frames(frames_uint8, self.frame_hw)
@@ -81,13 +90,30 @@ class VAECodec:
 
     Same interface as `PixelCodec` (`frame_hw`, `frame_shape`, `latent_shape`,
     `encode`, `decode`, pure `jnp`); `decode` maps `[-1, 1]` to uint8 by rounding and clipping.
+    `params` are the VAE's weights and `bind(params)` the codec computing with `params` instead:
+    a jitted step takes the weights as an argument and binds them inside (`make_step`), so they
+    are not folded into the compiled program as constants.
     """
 
     name = "oasis_vae"
 
     def __init__(self, vae):  # lsd_jax.vae.OasisVAE
+        from flax import nnx
+
         self.vae = vae
         self.cfg = vae.cfg
+        self._graphdef, self._params = nnx.split(vae)
+
+    @property
+    def params(self):
+        """The VAE's weights (an `nnx.State`)."""
+        return self._params
+
+    def bind(self, params) -> VAECodec:
+        """The codec computing with `params` (a state of this VAE's structure, e.g. traced)."""
+        from flax import nnx
+
+        return VAECodec(nnx.merge(self._graphdef, params))
 
     @property
     def frame_hw(self) -> tuple[int, int]:

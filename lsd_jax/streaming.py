@@ -27,6 +27,7 @@ from flax import nnx
 
 from lsd_jax.config import MAX_SAMPLE_STEPS, Config, dtype_of
 from lsd_jax.diffusion import initial_noise, make_process
+from lsd_jax.errors import ConfigError
 from lsd_jax.model import StreamContext
 from lsd_jax.stream_state import StreamState
 
@@ -138,18 +139,27 @@ def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool =
     through `codec` (default `make_codec(cfg)`, the pixel codec; a latent model's VAE codec is
     loaded from its directory by the caller).
 
-    `step(params, state, frame_bhwc, prompt_bp=None, external_bx=None) -> (state, out_bhwc)`.
+    `step(params, state, frame_bhwc, prompt_bp=None, external_bx=None, codec_params=None)
+    -> (state, out_bhwc)`. A codec with weights (the VAE) takes them as the `codec_params`
+    argument (`codec.params`), so they stay arrays the step is called with rather than constants
+    compiled into it; leaving them out is an error.
     """
     from lsd_jax.codec import make_codec
 
     codec = make_codec(cfg) if codec is None else codec
     latent_step = make_latent_step(cfg, graphdef, steps=steps, unroll=unroll)
     uses_frame = cfg.model.cond_channels > 0
+    needs_params = bool(jax.tree.leaves(codec.params))
 
-    def step(params, state, frame_bhwc, prompt_bp=None, external_bx=None):
-        cond = codec.encode(frame_bhwc) if uses_frame else None
+    def step(params, state, frame_bhwc, prompt_bp=None, external_bx=None, codec_params=None):
+        if needs_params and codec_params is None:
+            raise ConfigError(f"the {codec.name!r} codec has weights: pass them to the step as "
+                              "codec_params=codec.params (they are an argument of the step, not "
+                              "constants compiled into it)")
+        bound = codec.bind(codec_params) if needs_params else codec
+        cond = bound.encode(frame_bhwc) if uses_frame else None
         state, x0_bhwc = latent_step(params, state, cond, prompt_bp, external_bx)
-        return state, codec.decode(x0_bhwc)
+        return state, bound.decode(x0_bhwc)
 
     return jax.jit(step, donate_argnames="state")
 

@@ -88,12 +88,15 @@ def _run_export(args) -> int:
         _say(f"lsd export: no --checkpoint, exporting the {source}")
     from flax import nnx
 
+    from lsd_jax.codec import make_codec
+
     graphdef, params = nnx.split(model)
     steps = args.steps or tuple(range(1, cfg.diffusion.sample_steps + 1))
     t0 = time.perf_counter()
     path = save_artifact(args.out, cfg, graphdef, params, batches=args.batch, steps=steps,
                          platforms=tuple(args.platforms.split(",")), untrained=untrained,
-                         source=source, trained_prompts=resolved.trained_prompts)
+                         source=source, trained_prompts=resolved.trained_prompts,
+                         codec=make_codec(cfg, resolved.codec_dir))
     export_s = time.perf_counter() - t0
     art = load_artifact(path)  # read back: the file on disk is verified before we say it is good
     result = {"out": str(path), "bytes": os.path.getsize(path), "export_s": export_s,

@@ -123,11 +123,12 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
     params = jax.device_put(params, device)
     max_steps = cfg.diffusion.sample_steps if max_steps is None else max_steps
     codec = make_codec(cfg, codec_dir)
+    codec_params = jax.device_put(codec.params, device)  # an argument of the step, not constants
     steps = {k: make_step(cfg, graphdef, steps=k, codec=codec) for k in range(1, max_steps + 1)}
 
     def step_for(batch, k):
         return lambda state, frame, prompt, external: steps[k](params, state, frame, prompt,
-                                                              external)
+                                                              external, codec_params)
 
     return Engine(frame_hw=codec.frame_hw, steps=tuple(steps), batches=None,
                   describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),

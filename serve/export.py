@@ -16,8 +16,10 @@ File layout (all integers little-endian):
               `jax.export.Exported` per (batch, steps) variant; each blob's offset, size and sha256
               are in the header, so a truncated or altered file is an error naming what is wrong.
 
-Each exported function takes flat arrays only (the parameters as a list, the stream state as five
-arrays), so deserializing it needs no Flax pytree types and no model code:
+Each exported function takes flat arrays only (the parameters as a list: the model's, then its
+codec's, if the codec has weights; the stream state as five arrays), so deserializing it needs no
+Flax pytree types and no model code. A latent model's VAE weights are thus arguments of the step
+like the model's, stored in the "weights" blob, not constants inside each serialized step:
 
     fn(params_list, cache_k, cache_v, slot, num_valid, rng, frame_bhwc_uint8[, prompt_bp]
        [, external_bx]) -> (cache_k, cache_v, slot, num_valid, rng, out_bhwc_uint8)
@@ -91,11 +93,13 @@ def prompt_handling(cfg: Config) -> dict:
                               f"({_ENCODER_CLASSES[record['encoder']]})"}
 
 
-def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
-    """`make_step`'s jitted step wrapped to take and return flat arrays only."""
+def _flat_step(cfg: Config, graphdef, params_treedef, steps: int, codec):
+    """`make_step`'s jitted step wrapped to take and return flat arrays only; the flat parameters
+    are the model's, then the codec's (the pair `(model params, codec params)` flattened)."""
     from lsd_jax.streaming import make_step
 
-    step = make_step(cfg, graphdef, steps=steps)
+    step = make_step(cfg, graphdef, steps=steps, codec=codec)
+    codec_has_params = bool(jax.tree.leaves(codec.params))
     has_prompt = cfg.model.prompt_dim > 0
     has_external = cfg.model.external_cond_dim > 0
 
@@ -105,7 +109,9 @@ def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
         frame_bhwc, *extra = args[len(STATE_FIELDS):]
         prompt_bp = extra.pop(0) if has_prompt else None
         external_bx = extra.pop(0) if has_external else None
-        state, out_bhwc = step(params, state, frame_bhwc, prompt_bp, external_bx)
+        model_params, codec_params = params
+        state, out_bhwc = step(model_params, state, frame_bhwc, prompt_bp, external_bx,
+                               codec_params if codec_has_params else None)
         return (*state, out_bhwc)
 
     return flat
@@ -113,12 +119,15 @@ def _flat_step(cfg: Config, graphdef, params_treedef, steps: int):
 
 def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1,), steps=(3,),
                   platforms=("cpu",), untrained: bool = False, source: str = "",
-                  trained_prompts: tuple[str, ...] = ()) -> Path:
+                  trained_prompts: tuple[str, ...] = (), codec=None) -> Path:
     """Export the streaming step of `(graphdef, params)` for every batch size in `batches` and step
     count in `steps`, lowered for `platforms` together, with the weights, into one file at `path`.
     `trained_prompts` are those recorded with the weights (`lsd_jax.checkpoint`).
 
-    `params` is the full `nnx.State` of the model (`nnx.split(model)[1]`). Returns the path.
+    `params` is the full `nnx.State` of the model (`nnx.split(model)[1]`); `codec` the frames' codec
+    (default: the config's pixel codec; a latent model's VAE codec, whose weights are stored after
+    the model's and passed to the step as arguments, never compiled in as constants; the header's
+    `codec` says how many of the parameters are the codec's). Returns the path.
     """
     from lsd_jax.codec import make_codec
     from lsd_jax.streaming import init_stream
@@ -134,9 +143,10 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
             raise ArtifactError(f"model.{kind}_impl={name!r} is a kernel for "
                                 f"{', '.join(runs_on)}: export it for that one platform "
                                 f"(--platforms {runs_on[0]}), not {','.join(platforms)}")
-    leaves, treedef = jax.tree.flatten(params)
+    codec = make_codec(cfg) if codec is None else codec
+    leaves, treedef = jax.tree.flatten((params, codec.params))
     leaves_np = [np.asarray(leaf) for leaf in leaves]
-    codec = make_codec(cfg)
+    codec_leaves = len(jax.tree.leaves(codec.params))
     m = cfg.model
     weights = b"".join(leaf.tobytes() for leaf in leaves_np)
     params_meta, offset = [], 0
@@ -161,7 +171,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
         shapes[str(batch)] = {n: _spec(a.shape, a.dtype) for n, a in zip(names, args[1:],
                                                                          strict=True)}
         for k in steps:
-            fn = jax.jit(_flat_step(cfg, graphdef, treedef, k))
+            fn = jax.jit(_flat_step(cfg, graphdef, treedef, k, codec))
             with kernels.lowering_for(platforms[0]) if chosen else contextlib.nullcontext():
                 exported = jax.export.export(fn, platforms=tuple(platforms),
                                              disabled_checks=UNGUARANTEED_CALLS)(*args)
@@ -185,6 +195,9 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
         "batches": sorted(int(b) for b in batches),
         "steps": sorted(int(k) for k in steps),
         "frame_shape": list(codec.frame_shape),
+        "codec": {"name": codec.name, "params": codec_leaves,
+                  "bytes": int(sum(leaf.nbytes for leaf in leaves_np[len(leaves_np)
+                                                                     - codec_leaves:]))},
         "inputs_by_batch": shapes,
         "state_fields": list(STATE_FIELDS),
         "params": params_meta,

@@ -120,3 +120,90 @@ def test_latent_model_streams_through_its_codec(encoded):
         frames.append(frame)
     assert len(frames) == 6 and frames[0].shape[:2] == (32, 32), (len(frames), frames[0].shape)
     assert float(np.std(np.stack(frames))) > 1.0
+
+
+def _trained_run(encoded):
+    work = encoded / "run"
+    if not (work / "model").exists():
+        pytest.skip("needs test_latent_dit_trains_on_the_dataset's run")
+    return work
+
+
+def test_lsd_eval_scores_a_latent_model_at_its_codec_frame_size(encoded):
+    """`lsd eval` on a latent model draws the held-out clips at its codec's 32x32 frame size and
+    decodes the outputs through the codec: the copy-input baseline it reports equals the one
+    computed from those clips directly, and the model's PSNR is a finite score of 32x32 frames."""
+    from lsd_jax.config import apply_overrides, load_config
+    from train.eval_data import heldout_pairs
+    from train.evaluate import frame_psnr
+    from train.latents import pixel_twin
+
+    work = _trained_run(encoded)
+    proc = _lsd("eval", "--checkpoint", str(work), "--steps", "1", "--clips", "1", "--frames",
+                "4", "--tasks", "negative,sepia", "--no-progress", "--json")
+    result = json.loads(proc.stdout)[0]
+    twin = pixel_twin(apply_overrides(load_config(REPO_ROOT / "configs/tiny.py"), LATENT_DIT),
+                      (32, 32))
+    _, _, cond, target, _ = heldout_pairs(twin, clips=1, frames=4, tasks="negative,sepia")
+    assert cond.shape == (2, 4, 32, 32, 3)
+    for i, name in enumerate(("negative", "sepia")):
+        task = result["tasks"][name]
+        copy = np.mean([frame_psnr(t, c) for t, c in zip(target[i], cond[i], strict=True)])
+        assert task["baselines"]["copy_input"] == pytest.approx(copy, abs=1e-4)
+        psnr = task["steps"]["1"]["psnr"]
+        assert np.isfinite(psnr) and 3.0 < psnr < 60.0, psnr
+
+
+def _largest_constant(module_text: str) -> int:
+    """Elements of the largest `stablehlo.constant` in a StableHLO module's text."""
+    import re
+
+    sizes = [int(np.prod([int(d) for d in dims.split("x")[:-1]] or [1]))
+             for dims in re.findall(r"stablehlo\.constant dense<[^>]*> : tensor<([^>]*)>",
+                                    module_text)]
+    return max(sizes, default=0)
+
+
+def test_exported_latent_step_takes_the_codec_weights_as_arguments(encoded, tmp_path):
+    """`lsd export` of a latent model stores the VAE's weights after the model's and passes them
+    to the step as arguments: the serialized step holds no constant as large as one VAE weight
+    (the same encode with the weights closed over does), and the artifact's outputs equal the
+    in-process step's bit for bit."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lsd_jax.codec import load_codec
+    from lsd_jax.resolve import resolve_model
+    from lsd_jax.streaming import init_stream, make_step
+    from serve.export import load_artifact
+
+    work = _trained_run(encoded)
+    out = tmp_path / "latent.lsdx"
+    _lsd("export", "--checkpoint", str(work), "--out", str(out), "--steps", "2")
+    art = load_artifact(out)
+    codec = load_codec(work / "model")
+    vae_leaves = jax.tree.leaves(codec.params)
+    assert art.header["codec"] == {"name": "oasis_vae", "params": len(vae_leaves),
+                                   "bytes": sum(leaf.nbytes for leaf in vae_leaves)}
+    assert art.header["frame_shape"] == [32, 32, 3]
+    biggest_weight = max(leaf.size for leaf in vae_leaves)
+    module = jax.export.deserialize(art._exported["step_b1_k2"].serialize()).mlir_module()
+    assert _largest_constant(module) < biggest_weight
+    baked = jax.export.export(jax.jit(codec.encode))(
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.uint8)).mlir_module()
+    assert _largest_constant(baked) >= biggest_weight  # the check sees closed-over weights
+
+    resolved = resolve_model(str(work))
+    graphdef, params = nnx.split(resolved.model)
+    step = make_step(resolved.cfg, graphdef, steps=2, codec=codec)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 1, 32, 32, 3), dtype=np.uint8)
+    prompt = np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)
+    state_a, state_b = art.init_state(1, 0), init_stream(resolved.cfg, 1, 0)
+    art_step = art.step(1, 2)
+    for frame in frames:
+        state_a, out_a = art_step(state_a, frame, prompt)
+        state_b, out_b = step(params, state_b, frame, prompt, codec_params=codec.params)
+        np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
+    with pytest.raises(Exception, match="codec_params=codec.params"):
+        step(params, init_stream(resolved.cfg, 1, 0), frames[0], prompt)
