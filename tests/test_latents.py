@@ -207,3 +207,26 @@ def test_exported_latent_step_takes_the_codec_weights_as_arguments(encoded, tmp_
         np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
     with pytest.raises(Exception, match="codec_params=codec.params"):
         step(params, init_stream(resolved.cfg, 1, 0), frames[0], prompt)
+
+
+def test_random_codec_writes_a_loadable_vae(tmp_path):
+    """`lsd data random-codec` writes a randomly initialised VAE of the shapes asked for (the
+    vit-l-20 ones otherwise); bad fields are one-line errors."""
+    import jax
+
+    from lsd_jax.codec import load_codec
+
+    args = ["data", "random-codec", "--out", str(tmp_path / "vae"), "--seed", "3",
+            *(f"vae.{k}={v}" for k, v in [("frame_height", 32), ("frame_width", 32),
+                                           ("patch_size", 8), ("latent_dim", 4), ("enc_dim", 32),
+                                           ("enc_depth", 1), ("enc_heads", 2), ("dec_dim", 32),
+                                           ("dec_depth", 1), ("dec_heads", 2)])]
+    proc = _lsd(*args)
+    codec = load_codec(tmp_path / "vae")
+    assert codec.latent_shape == (4, 4, 4) and codec.frame_shape == (32, 32, 3)
+    count = sum(leaf.size for leaf in jax.tree.leaves(codec.params))
+    assert f"{count / 1e6:.1f}M parameters" in proc.stdout, proc.stdout
+    frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert float(np.std(np.asarray(codec.encode(frames)))) > 0.01
+    bad = _lsd("data", "random-codec", "--out", str(tmp_path / "x"), "vae.depth=2", check=False)
+    assert bad.returncode == 2 and "FIELD one of frame_height" in bad.stderr

@@ -202,8 +202,37 @@ def _run_encode(args) -> int:
     return 0
 
 
+def _run_random_codec(args) -> int:
+    import dataclasses
+
+    from flax import nnx
+
+    from lsd_jax.vae import OasisVAE, VAEConfig, save_vae
+
+    fields = {f.name: f.type for f in dataclasses.fields(VAEConfig)}
+    values = {}
+    for item in args.fields:
+        name, eq, value = item.partition("=")
+        name = name.removeprefix("vae.")
+        if not eq or name not in fields:
+            raise ConfigError(f"lsd data random-codec {item!r}: expected vae.FIELD=VALUE with "
+                              f"FIELD one of {', '.join(fields)}")
+        try:
+            values[name] = float(value) if fields[name] in (float, "float") else int(value)
+        except ValueError:
+            raise ConfigError(f"lsd data random-codec {item!r}: {value!r} is not a number") from None
+    vae_cfg = VAEConfig(**values)
+    vae = OasisVAE(vae_cfg, rngs=nnx.Rngs(args.seed))
+    save_vae(args.out, vae_cfg, vae)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vae, nnx.Param)))
+    print(f"wrote a randomly initialised oasis_vae codec (seed {args.seed}, {count / 1e6:.1f}M "
+          f"parameters, {vae_cfg.frame_height}x{vae_cfg.frame_width} frames -> "
+          f"{'x'.join(map(str, vae_cfg.grid))}x{vae_cfg.latent_dim} latents) to {args.out}")
+    return 0
+
+
 def register(commands, add_command, bench) -> None:
-    """Add `lsd data encode` to the `lsd` command."""
+    """Add `lsd data encode` and `lsd data random-codec` to the `lsd` command."""
     from lsd_jax.args import int_in
 
     data = commands.add_parser("data", help="datasets").add_subparsers(
@@ -217,4 +246,12 @@ def register(commands, add_command, bench) -> None:
                         help="the codec's weights (a directory with vae.json, for oasis_vae)")
     encode.add_argument("--split", default="train", choices=("train", "heldout"))
     encode.add_argument("--batch", type=int_in(1), default=8, help="clips encoded per call")
+    codec = data.add_parser("random-codec", help="write a randomly initialised oasis_vae codec "
+                            "(the vit-l-20 shapes unless overridden): the latent path end to end "
+                            "without the converted Oasis weights")
+    codec.set_defaults(run=_run_random_codec)
+    codec.add_argument("--out", required=True, help="directory to write (vae.json, vae/)")
+    codec.add_argument("--seed", type=int, default=0)
+    codec.add_argument("fields", nargs="*", metavar="vae.FIELD=VALUE",
+                       help="the VAE's shapes, e.g. vae.enc_depth=2")
 
