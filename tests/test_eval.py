@@ -39,6 +39,12 @@ def test_psnr_and_flicker_match_their_formulas():
     assert evaluate.flicker(out, target) == pytest.approx(expected, rel=1e-6)
     metrics = evaluate.clip_metrics(out, target)
     assert 20 < metrics["psnr"] < 30 and 0 < metrics["ssim"] < 1
+    # Frame-to-frame change (the flicker ratio is the output's over the target's).
+    assert metrics["change"] == pytest.approx(
+        np.mean(np.abs(np.diff(out.astype(np.float64), axis=0))), rel=1e-6)
+    assert metrics["target_change"] == pytest.approx(
+        np.mean(np.abs(np.diff(target.astype(np.float64), axis=0))), rel=1e-6)
+    assert evaluate.frame_change(np.repeat(target[:1], 4, axis=0)) == 0.0
 
 
 def test_endless_path_is_periodic_smooth_and_heldout():

@@ -36,23 +36,26 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
     lines.append(f"{where}, seed "
                  f"{first['seed']}. PSNR/SSIM per output frame against the target frame, 8-bit "
                  "range; flicker = mean |(out_i - out_i-1) - (target_i - target_i-1)| in 8-bit "
-                 "levels. Temporal task: " + ", ".join(TEMPORAL_TASKS) + ".")
+                 "levels; flicker ratio = mean |out_i - out_i-1| / mean |target_i - target_i-1| "
+                 "(the output's frame-to-frame change over the target's; 1 is as steady as the "
+                 "target). Temporal task: " + ", ".join(TEMPORAL_TASKS) + ".")
     lines.append("")
     for res in results:
         ks = res["steps_list"]
         kk = res["sample_steps"]
         lines.append(f"**{res['model']}** (`{res['spec']}`, config {res['config']}): PSNR (dB) "
-                     f"by denoising steps; SSIM and flicker at {kk} steps")
+                     f"by denoising steps; SSIM, flicker and flicker ratio at {kk} steps")
         lines.append("")
         base = res.get("baseline_summary") is not None
         extra = (f" | copy input | colour map | floor | vs floor@{kk} |" if base else " |")
         lines.append("| task | prompt | " + " | ".join(f"{k} steps" for k in ks)
-                     + f" | SSIM@{kk} | flicker@{kk}" + extra)
-        lines.append("|---|---|" + "---:|" * (len(ks) + 2 + 4 * base))
+                     + f" | SSIM@{kk} | flicker@{kk} | ratio@{kk}" + extra)
+        lines.append("|---|---|" + "---:|" * (len(ks) + 3 + 4 * base))
         for name, task in res["tasks"].items():
             cells = " | ".join(f"{task['steps'][k]['psnr']:.2f}" for k in ks)
             row = (f"| {name} | {task['prompt']} | {cells} | "
-                   f"{task['steps'][kk]['ssim']:.3f} | {task['steps'][kk]['flicker']:.2f} |")
+                   f"{task['steps'][kk]['ssim']:.3f} | {task['steps'][kk]['flicker']:.2f} | "
+                   f"{task['steps'][kk].get('flicker_ratio', float('nan')):.2f} |")
             if base:
                 b = task["baselines"]
                 color = max(b[kind] for kind in COLOR_MAPS)
@@ -60,12 +63,17 @@ def quality_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:
                         f"{task['steps'][kk]['margin']:+.2f} |")
             lines.append(row)
         s = res["summary"]
-        blank = " | | |" + " | | | |" * base
+        blank = " | | | |" + " | | | |" * base
         lines.append("| **mean, per-frame tasks** | | " + " | ".join(
             f"**{s[k]['per_frame_psnr']:.2f}**" for k in ks) + blank)
         lines.append("| **temporal task** | | " + " | ".join(
             f"**{s[k]['temporal_psnr']:.2f}**" for k in ks) + blank)
         lines.append("")
+        if "max_flicker_ratio" in s[kk]:
+            worst = max(res["tasks"], key=lambda n: res["tasks"][n]["steps"][kk]["flicker_ratio"])
+            lines.append(f"Largest flicker ratio at {kk} steps: {s[kk]['max_flicker_ratio']:.2f} "
+                         f"({worst}).")
+            lines.append("")
         if base:
             bs = res["baseline_summary"]["per_frame_psnr"]
             lines.append(

@@ -168,12 +168,19 @@ def clip_psnr(out_thwc: np.ndarray, target_thwc: np.ndarray) -> float:
     return float(np.mean([frame_psnr(t, o) for t, o in zip(target_thwc, out_thwc, strict=True)]))
 
 
+def frame_change(clip_thwc: np.ndarray) -> float:
+    """`mean |x_i - x_{i-1}|` over i >= 1, in 8-bit levels: how much a clip changes per frame."""
+    return float(np.mean(np.abs(np.diff(clip_thwc.astype(np.float32), axis=0))))
+
+
 def clip_metrics(out_thwc: np.ndarray, target_thwc: np.ndarray) -> dict[str, float]:
-    """Mean per-frame PSNR and SSIM, and flicker, of one streamed clip against its target."""
+    """Mean per-frame PSNR and SSIM, flicker, and the frame-to-frame change of the output and
+    of the target, of one streamed clip against its target."""
     return {"psnr": clip_psnr(out_thwc, target_thwc),
             "ssim": float(np.mean([frame_ssim(t, o) for t, o in zip(target_thwc, out_thwc,
                                                                     strict=True)])),
-            "flicker": flicker(out_thwc, target_thwc)}
+            "flicker": flicker(out_thwc, target_thwc),
+            "change": frame_change(out_thwc), "target_change": frame_change(target_thwc)}
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -231,8 +238,10 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
             for ti, name in enumerate(names):
                 rows = range(ti * clips, (ti + 1) * clips)
                 per_clip = [clip_metrics(out[r], target[r]) for r in rows]
-                results[name]["steps"][k] = {key: float(np.mean([c[key] for c in per_clip]))
-                                             for key in per_clip[0]}
+                metrics = {key: float(np.mean([c[key] for c in per_clip])) for key in per_clip[0]}
+                # the output's frame-to-frame change over the target's (1: as steady as it)
+                metrics["flicker_ratio"] = metrics["change"] / max(metrics["target_change"], 1e-6)
+                results[name]["steps"][k] = metrics
             if k == sample_k:
                 samples = {"cond": cond[::clips], "out": out[::clips], "target": target[::clips]}
     if baselines:
@@ -260,6 +269,7 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
             "temporal_psnr": float(np.mean(temporal)) if temporal else math.nan,
             "mean_ssim": float(np.mean([r["steps"][k]["ssim"] for r in results.values()])),
             "mean_flicker": float(np.mean([r["steps"][k]["flicker"] for r in results.values()])),
+            "max_flicker_ratio": max(r["steps"][k]["flicker_ratio"] for r in results.values()),
         }
         if baselines:
             summary[k]["tasks_meeting_floor"] = sum(
