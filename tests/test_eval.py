@@ -205,8 +205,12 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
     assert payload[0]["model"] == "demo" and set(payload[0]["tasks"]) == {"sepia",
                                                                           "motion_trails"}
     metrics = payload[0]["tasks"]["sepia"]["steps"]["2"]
-    assert set(metrics) == {"psnr", "ssim", "flicker", "margin", "meets_floor"}
+    assert set(metrics) == {"psnr", "ssim", "flicker", "change", "target_change",
+                            "flicker_ratio", "margin", "meets_floor"}
     assert 5 < metrics["psnr"] < 60
+    assert metrics["flicker_ratio"] == pytest.approx(metrics["change"] / metrics["target_change"])
+    assert payload[0]["summary"]["2"]["max_flicker_ratio"] == pytest.approx(max(
+        t["steps"]["2"]["flicker_ratio"] for t in payload[0]["tasks"].values()))
     sepia = payload[0]["tasks"]["sepia"]
     assert sepia["floor"] == pytest.approx(min(40.0, max(sepia["baselines"].values()) + 1))
     assert metrics["margin"] == pytest.approx(metrics["psnr"] - sepia["floor"])
