@@ -135,6 +135,11 @@ DEMO_PER_FRAME_PSNR_3 = 26.0
 DEMO_TEMPORAL_PSNR_3 = 23.9
 DEMO_TASK_PSNR_FLOOR = 11.0
 DEMO_DRIFT_PSNR_FLOOR = 25.2
+# Flicker ratio at 3 steps (the output's frame-to-frame change over the target's), same run:
+# per-frame tasks 0.81 .. 1.39 (the goal is 1.5); motion trails 1.85 here, 1.58 over 4 clips x 24
+# frames (EVAL.md): over the goal, so its bound only catches a regression.
+DEMO_FLICKER_RATIO_MAX = 1.5
+DEMO_TEMPORAL_FLICKER_RATIO_MAX = 2.0
 # Tasks whose held-out paraphrases the shipped model reads as their own task (margin over the
 # nearest other task, 1 clip x 8 frames at 3 steps: 0.71 .. 26.6 dB) by more than 0.5 dB. Every
 # paraphrase of every task reads as its task at these settings; the cartoon's "a cartoon" by
@@ -162,6 +167,11 @@ def test_demo_model_restyles_heldout_clips(demo_quality):
     assert s[3]["temporal_psnr"] >= DEMO_TEMPORAL_PSNR_3
     for name, task in demo_quality["tasks"].items():
         assert task["steps"][3]["psnr"] >= DEMO_TASK_PSNR_FLOOR, name
+        ratio = task["steps"][3]["flicker_ratio"]
+        if name in evaluate.TEMPORAL_TASKS:
+            assert ratio <= DEMO_TEMPORAL_FLICKER_RATIO_MAX, (name, ratio)
+        else:
+            assert ratio <= DEMO_FLICKER_RATIO_MAX, (name, ratio)
 
 
 @pytest.mark.slow
