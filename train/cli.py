@@ -203,8 +203,11 @@ def _register_eval(commands) -> None:
         "eval", help="held-out quality (PSNR/SSIM/flicker by steps) or long-stream drift",
         description="lsd eval [quality]: PSNR, SSIM and flicker per prompt on held-out clips at "
                     "several step counts. lsd eval drift: PSNR over an endless held-out stream. "
-                    "Tables and plots go to --out and into a section of --report.")
-    parser.add_argument("what", nargs="?", choices=("quality", "drift", "paraphrase"),
+                    "lsd eval paraphrase: held-out phrasings of the prompts. lsd eval real: "
+                    "scikit-image's GIF and LFW faces (real video never trained on) under "
+                    "several prompts, as pictures. Tables and plots go to --out and into a "
+                    "section of --report.")
+    parser.add_argument("what", nargs="?", choices=("quality", "drift", "paraphrase", "real"),
                         default="quality")
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]SPEC",
                         help="model: 'demo' (built in, the default), a model directory, a "
@@ -222,6 +225,10 @@ def _register_eval(commands) -> None:
                         help="quality clips: heldout (photographs never trained on; the "
                              "reported figures) or validation (training photographs, unseen "
                              "camera seeds; for choosing recipes)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="real: a prompt to stream the clips under (repeat; default: a "
+                             "pencil sketch, a thermal camera image, a cartoon with bold "
+                             "outlines, an old sepia photograph)")
     parser.add_argument("--task", default="motion_trails",
                         help="task of the drift stream (default motion_trails, the task that "
                              "depends on the model's own past outputs)")
@@ -292,6 +299,25 @@ def _run_eval(args: argparse.Namespace) -> int:
             print(f"{r['model']}: per-frame tasks {s[k3]['per_frame_psnr']:.2f} dB, temporal "
                   f"{s[k3]['temporal_psnr']:.2f} dB at {k3} steps; per-frame "
                   f"{s[kmax]['per_frame_psnr']:.2f} dB at {kmax} steps", file=sys.stderr)
+    elif args.what == "real":
+        from train.eval_real import REAL_CLIPS, REAL_PROMPTS, evaluate_real, real_markdown, \
+            real_strip
+
+        if args.steps is not None and len(args.steps) != 1:
+            raise ConfigError(f"lsd eval real --steps {','.join(map(str, args.steps))}: "
+                              "expected one step count")
+        results = [evaluate_real(m, prompts=tuple(args.prompt or REAL_PROMPTS),
+                                 steps=args.steps[0] if args.steps else 3, seed=args.seed)
+                   for m in models]
+        pictures = {}
+        if out_dir:
+            for name in REAL_CLIPS:
+                strip = real_strip(results[0], name, out_dir / f"{section}_{name}.jpg")
+                pictures[f"{name}: input, then each prompt's output"] = rel(strip)
+        body = real_markdown(results, pictures=pictures)
+        for r in results:
+            print(f"{r['model']}: streamed {', '.join(r['clips'])} under {len(r['prompts'])} "
+                  f"prompts in {r['seconds']:.0f} s", file=sys.stderr)
     elif args.what == "paraphrase":
         from train.eval_paraphrase import evaluate_paraphrases, paraphrase_markdown
 
