@@ -200,7 +200,8 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 
 def _register_eval(commands) -> None:
     parser = commands.add_parser(
-        "eval", help="held-out quality (PSNR/SSIM/flicker by steps) or long-stream drift",
+        "eval", help="held-out quality (PSNR/SSIM/flicker by steps), long-stream drift, "
+                     "paraphrases, real video",
         description="lsd eval [quality]: PSNR, SSIM and flicker per prompt on held-out clips at "
                     "several step counts. lsd eval drift: PSNR over an endless held-out stream. "
                     "lsd eval paraphrase: held-out phrasings of the prompts. lsd eval real: "
