@@ -301,8 +301,13 @@ def _run_eval(args: argparse.Namespace) -> int:
                   f"{s[k3]['temporal_psnr']:.2f} dB at {k3} steps; per-frame "
                   f"{s[kmax]['per_frame_psnr']:.2f} dB at {kmax} steps", file=sys.stderr)
     elif args.what == "real":
-        from train.eval_real import REAL_CLIPS, REAL_PROMPTS, evaluate_real, real_markdown, \
-            real_strip
+        from train.eval_real import (
+            REAL_CLIPS,
+            REAL_PROMPTS,
+            evaluate_real,
+            real_markdown,
+            real_strip,
+        )
 
         if args.steps is not None and len(args.steps) != 1:
             raise ConfigError(f"lsd eval real --steps {','.join(map(str, args.steps))}: "

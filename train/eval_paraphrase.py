@@ -31,8 +31,8 @@ def evaluate_paraphrases(model, *, steps: int = 3, clips: int = 2, frames: int =
     encoder = make_prompt_encoder(model.cfg)
     if encoder is None:
         raise ConfigError(f"model {model.label!r} takes no prompt: nothing to paraphrase")
-    names, _, cond, target, _ = heldout_pairs(model.pixel_cfg, clips=clips, frames=frames, seed=seed,
-                                              split=split)
+    names, _, cond, target, _ = heldout_pairs(model.pixel_cfg, clips=clips, frames=frames,
+                                              seed=seed, split=split)
     sources = cond[:clips]  # every task's rows hold the same clips, task-major
     targets = {name: target[i * clips:(i + 1) * clips] for i, name in enumerate(names)}
     rows = [(t.name, t.prompt, False) for t in TASKS if t.name in targets]

@@ -31,7 +31,7 @@ FACES_GRID = 10  # lfw_subset: images 0..99 are faces, 100..199 are not
 
 
 def gif_clip(frame_hw: tuple[int, int]) -> np.ndarray:
-    """scikit-image's animated GIF, every frame centre-cropped and resized: uint8 `[24, H, W, 3]`."""
+    """scikit-image's animated GIF, each frame centre-cropped and resized: uint8 `[24, H, W, 3]`."""
     import imageio.v3 as iio
     import skimage
 

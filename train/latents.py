@@ -220,7 +220,8 @@ def _run_random_codec(args) -> int:
         try:
             values[name] = float(value) if fields[name] in (float, "float") else int(value)
         except ValueError:
-            raise ConfigError(f"lsd data random-codec {item!r}: {value!r} is not a number") from None
+            raise ConfigError(f"lsd data random-codec {item!r}: {value!r} is not a "
+                              "number") from None
     vae_cfg = VAEConfig(**values)
     vae = OasisVAE(vae_cfg, rngs=nnx.Rngs(args.seed))
     save_vae(args.out, vae_cfg, vae)
