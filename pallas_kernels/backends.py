@@ -12,13 +12,14 @@ Triton backend to Mosaic GPU: a Mosaic GPU backend is one more row here, chosen 
 - `interpret`: the Pallas interpreter on the host (`cpu`), the same kernels run as jaxprs: the
   numerics check on machines without an accelerator;
 - `tpu_interpret`: the TPU interpreter (`cpu`) with race detection over two simulated cores that
-  split the parallel grid axes: the TPU kernels' grid, DMA and memory-space semantics emulated on
-  the host.
+  split the parallel grid axes (one on a host process limited to one CPU, `simulated_cores`): the
+  TPU kernels' grid, DMA and memory-space semantics emulated on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 from jax.experimental import pallas as pl
@@ -39,7 +40,8 @@ class Backend:
 
             # Two cores split the parallel grid axes (as on a megacore chip), so the race
             # detector sees programs that would run concurrently.
-            return {"interpret": pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+            return {"interpret": pltpu.InterpretParams(detect_races=True,
+                                                       num_cores_or_threads=simulated_cores()),
                     "compiler_params": pltpu.CompilerParams(
                         dimension_semantics=tuple(semantics))}
         if self.interpret:
@@ -54,6 +56,17 @@ class Backend:
             return {"compiler_params": pltpu.CompilerParams(
                 dimension_semantics=tuple(semantics))}
         raise ValueError(f"backend {self.name!r} has no pallas_call parameters")
+
+
+def simulated_cores() -> int:
+    """Cores the TPU interpreter simulates: 2 when this process may run on two CPUs, else 1.
+
+    On one CPU, XLA's CPU client has a single thread, and the interpreter's two core threads
+    (each running its programs through that client) wait on each other for ever inside a jitted
+    step; one simulated core runs the same kernels without race detection across cores.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 2 if (cpus or 1) >= 2 else 1
 
 
 TRITON = Backend("triton", "cuda")
