@@ -116,6 +116,8 @@ def evaluate_real(model, *, prompts=REAL_PROMPTS, clips=REAL_CLIPS, steps: int =
 def real_strip(result: dict, name: str, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
     """One picture for clip `name`: rows the input then each prompt's output, `frames` evenly
     spaced frames per row, upscaled `scale`x, each row labelled above."""
+    from train.eval_report import labelled_row, save_jpeg
+
     sample = result["samples"][name]
     clip, outs = sample["input"], sample["outputs"]
     idx = np.linspace(0, clip.shape[0] - 1, frames).round().astype(int)
@@ -127,17 +129,9 @@ def real_strip(result: dict, name: str, path: Path, *, frames: int = 4, scale: i
         for i in idx:
             cells += [seq[i], gap(seq.shape[1])]
         row = np.concatenate(cells[:-1], axis=1)
-        row = cv2.resize(row, (row.shape[1] * scale, row.shape[0] * scale),
-                         interpolation=cv2.INTER_NEAREST)
-        band = np.full((20, row.shape[1], 3), 255, np.uint8)
-        cv2.putText(band, f"{label}  (frames {', '.join(map(str, idx))})", (4, 14),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
-        labelled.append(np.concatenate([band, row], axis=0))
-    picture = np.concatenate(labelled, axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return path
+        labelled.append(labelled_row(row, f"{label}  (frames {', '.join(map(str, idx))})",
+                                     scale=scale))
+    return save_jpeg(labelled, path)
 
 
 def real_markdown(results: list[dict], *, pictures: dict[str, str]) -> str:

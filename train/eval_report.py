@@ -138,7 +138,6 @@ def plot_quality(results: list[dict], path: Path) -> Path:
 def strips_picture(result: dict, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
     """One row per prompt: `frames` input frames | the same frames of the output (at the sample
     step count) | the target, each frame upscaled `scale`x, the prompt written above the row."""
-    import cv2
 
     samples = result["samples"]
     names = list(result["tasks"])
@@ -152,18 +151,30 @@ def strips_picture(result: dict, path: Path, *, frames: int = 4, scale: int = 2)
             parts.append(seq)
             parts.append(np.full((seq.shape[0], 4, 3), 255, np.uint8))
         row = np.concatenate(parts[:-1], axis=1)
-        row = cv2.resize(row, (row.shape[1] * scale, row.shape[0] * scale),
-                         interpolation=cv2.INTER_NEAREST)
-        label = np.full((22, row.shape[1], 3), 255, np.uint8)
         text = f"\"{result['tasks'][name]['prompt']}\"   input | output ({result['sample_steps']}" \
                " steps) | target"
-        cv2.putText(label, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-        rows.append(np.concatenate([label, row], axis=0))
-    picture = np.concatenate(rows, axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        rows.append(labelled_row(row, text, scale=scale))
     # JPEG: the noisy strips of an early model compress poorly as PNG (megabytes).
-    cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
+    return save_jpeg(rows, path)
+
+
+def labelled_row(row: np.ndarray, text: str, *, scale: int) -> np.ndarray:
+    """A picture row (uint8 RGB) upscaled `scale`x (nearest) under a white band holding `text`."""
+    import cv2
+
+    row = cv2.resize(row, (row.shape[1] * scale, row.shape[0] * scale),
+                     interpolation=cv2.INTER_NEAREST)
+    band = np.full((22, row.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, row], axis=0)
+
+
+def save_jpeg(rows: list[np.ndarray], path: Path) -> Path:
+    """Rows stacked top to bottom into one JPEG (quality 90) at `path`."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR),
                 [cv2.IMWRITE_JPEG_QUALITY, 90])
     return path
 
