@@ -99,7 +99,6 @@ def _flat_step(cfg: Config, graphdef, params_treedef, steps: int, codec):
     from lsd_jax.streaming import make_step
 
     step = make_step(cfg, graphdef, steps=steps, codec=codec)
-    codec_has_params = bool(jax.tree.leaves(codec.params))
     has_prompt = cfg.model.prompt_dim > 0
     has_external = cfg.model.external_cond_dim > 0
 
@@ -111,7 +110,7 @@ def _flat_step(cfg: Config, graphdef, params_treedef, steps: int, codec):
         external_bx = extra.pop(0) if has_external else None
         model_params, codec_params = params
         state, out_bhwc = step(model_params, state, frame_bhwc, prompt_bp, external_bx,
-                               codec_params if codec_has_params else None)
+                               codec_params)
         return (*state, out_bhwc)
 
     return flat
