@@ -115,6 +115,7 @@ def load_model(directory: str | Path, overrides=()) -> tuple[Config, DiT]:
 def restore_params(path: Path, abstract_params, described_by: str):
     """Restore an orbax checkpoint of parameters onto the shapes/dtypes of `abstract_params`;
     a mismatch or damaged data is a `CheckpointError` naming the directory."""
+    path = Path(path).absolute()  # orbax refuses relative paths
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
     with _stderr_held() as held, ocp.StandardCheckpointer() as ckptr:
         try:

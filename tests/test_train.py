@@ -115,9 +115,10 @@ def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path
         ship(short, "x", dest=tmp_path / "demo2")
 
 
-def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted):
+def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted, monkeypatch):
     """`train.init_from` starts step 0 from a model directory's weights (params and EMA equal to
-    them, optimiser fresh); a different architecture is a ConfigError naming the key."""
+    them, optimiser fresh), named by a path relative to the working directory as a user types it;
+    a different architecture is a ConfigError naming the key."""
     from flax import nnx
 
     from lsd_jax.checkpoint import load_model
@@ -126,9 +127,10 @@ def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted):
     from train import sharding
     from train.trainer import build_step, warm_start
 
+    monkeypatch.chdir(uninterrupted)
     source = uninterrupted / "model"
     cfg = apply_overrides(load_config(REPO_ROOT / "configs/tiny.py"),
-                          [*RESUME, f"train.init_from={source}", "model.attention_impl=jax_nn"])
+                          [*RESUME, "train.init_from=model", "model.attention_impl=jax_nn"])
     sharded = build_step(cfg, sharding.make_mesh(cfg.mesh))
     fresh = sharded.init()
     started = warm_start(cfg, sharded, fresh)
