@@ -205,6 +205,10 @@ class DiffusionConfig:
     prediction: str = "velocity"  # rectified flow: the network predicts "velocity" or "x0".
     ctx_level: float = 0.02
     context_noise: str = "label"  # "label": clean frame labelled t_ctx; "noised": really noised.
+    # The starting noise of each streamed frame: "fresh" (a new draw per frame) or "fixed" (the
+    # stream's key does not advance: every frame starts from the same noise, which trades a little
+    # PSNR for less flicker; sampling only, training is unchanged).
+    frame_noise: str = "fresh"
     # Training objective.
     noise_sampler: str = "independent"
     # Rectified flow: training levels u ~ U[0, 1] shifted to s u / (1 + (s - 1) u) (1: uniform).
@@ -223,6 +227,7 @@ class DiffusionConfig:
         _check_choice("diffusion.process", self.process, PROCESSES)
         _check_choice("diffusion.noise_sampler", self.noise_sampler, NOISE_SAMPLERS)
         _check_choice("diffusion.context_noise", self.context_noise, ("label", "noised"))
+        _check_choice("diffusion.frame_noise", self.frame_noise, ("fresh", "fixed"))
         _check_choice("diffusion.prediction", self.prediction, ("velocity", "x0"))
         if self.prediction == "x0" and self.process != "rectified_flow":
             raise ConfigError(f"diffusion.prediction='x0' with diffusion.process="

@@ -85,6 +85,14 @@ def _schedule(cfg: Config, steps: int | None):
     return process, np.asarray(levels, np.float32), np.asarray(step_sizes, np.float32)
 
 
+def frame_keys(cfg: Config, rng):
+    """`(next rng, starting-noise key, context-noise key)` of one streamed frame. With
+    `diffusion.frame_noise="fixed"` the stream's key does not advance, so every frame starts from
+    the same noise."""
+    rng_next, k_noise, k_ctx = jax.random.split(rng, 3)
+    return (rng if cfg.diffusion.frame_noise == "fixed" else rng_next), k_noise, k_ctx
+
+
 def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False):
     """The pure (un-jitted) step in model space.
 
@@ -100,7 +108,7 @@ def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll:
     def step(params, state: StreamState, cond_bhwc, prompt_bp=None, external_bx=None):
         model = nnx.merge(graphdef, params)
         batch = state.num_valid.shape[0]
-        rng, k_noise, k_ctx = jax.random.split(state.rng, 3)
+        rng, k_noise, k_ctx = frame_keys(cfg, state.rng)
         ctx = read_cache(cfg, state)
         kwargs = dict(cond_bhwc=cond_bhwc, prompt_bp=prompt_bp, external_bx=external_bx)
         full = lambda value: jnp.full((batch,), value, jnp.float32)  # noqa: E731
@@ -177,7 +185,7 @@ def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None =
     batch, num_frames = cond_bthwc.shape[:2] if cond_bthwc is not None else external_btx.shape[:2]
     history, outputs = [], []
     for i in range(num_frames):
-        rng, k_noise, k_ctx = jax.random.split(rng, 3)
+        rng, k_noise, k_ctx = frame_keys(cfg, rng)
         x = initial_noise(k_noise, (batch, *m.frame_shape))
         ctx_time = process.model_time(cfg.diffusion.ctx_level)
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):

@@ -11,7 +11,8 @@
 Every command takes the model from `--artifact FILE` (an exported step), `--checkpoint DIR` (a
 model checkpoint), `--config NAME` (an UNTRAINED model of that config, random weights, with
 `key.path=value` overrides) or, with none of them, the built-in demo model (`lsd_jax/demo.py`),
-and says which. Heavy imports stay inside the run functions.
+and says which. Overrides given with a checkpoint or the demo model change how it runs (its saved
+config: `diffusion.frame_noise=fixed`), not its shapes. Heavy imports stay inside the run functions.
 """
 
 from __future__ import annotations
@@ -44,26 +45,26 @@ def _add_model_source(parser: argparse.ArgumentParser, *, artifact: bool = True)
                         help="run an UNTRAINED model of this config (random weights) instead of "
                              "the built-in demo model")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="override a field of --config")
+                        help="override a field of --config, or how a stored model runs (its "
+                             "saved config: e.g. diffusion.frame_noise=fixed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained model and of "
                                                             "the stream's noise")
 
 
 def _engine(args, max_steps: int | None = None):
     from lsd_jax.args import config_from_args
+    from lsd_jax.errors import ConfigError
     from serve.engine import load_engine
 
-    cfg = None
-    if getattr(args, "artifact", None) is None and args.checkpoint is None:
-        if args.config is not None:
-            cfg = config_from_args(args)
-        elif args.overrides:
-            from lsd_jax.errors import ConfigError
-
-            raise ConfigError(f"overrides {' '.join(args.overrides)} need --config (they apply "
-                              "to an untrained model of that config)")
+    cfg, overrides = None, tuple(args.overrides)
+    if getattr(args, "artifact", None) is not None:
+        if overrides:
+            raise ConfigError(f"overrides {' '.join(overrides)} with --artifact: an exported step "
+                              "is compiled with its config; export it again with them")
+    elif args.checkpoint is None and args.config is not None:
+        cfg, overrides = config_from_args(args), ()
     return load_engine(checkpoint=args.checkpoint, artifact=getattr(args, "artifact", None),
-                       cfg=cfg, max_steps=max_steps, seed=args.seed)
+                       cfg=cfg, max_steps=max_steps, seed=args.seed, overrides=overrides)
 
 
 def _say(text: str) -> None:
@@ -82,7 +83,8 @@ def _run_export(args) -> int:
     from serve.export import load_artifact, save_artifact
 
     cfg = None if args.checkpoint is not None or args.config is None else config_from_args(args)
-    resolved = resolve_model(args.checkpoint, cfg=cfg, seed=args.seed)
+    resolved = resolve_model(args.checkpoint, cfg=cfg, seed=args.seed,
+                             overrides=() if cfg is not None else tuple(args.overrides))
     cfg, model, source, untrained = resolved[:4]
     if args.checkpoint is None:
         _say(f"lsd export: no --checkpoint, exporting the {source}")

@@ -156,12 +156,14 @@ def artifact_engine(path: str | Path) -> Engine:
 
 
 def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
-                cfg: Config | None = None, max_steps: int | None = None, seed: int = 0) -> Engine:
+                cfg: Config | None = None, max_steps: int | None = None, seed: int = 0,
+                overrides=()) -> Engine:
     """The engine a command asked for: `artifact`, else the model `lsd_jax.resolve.resolve_model`
-    finds (`checkpoint`, else an untrained model of `cfg`, else the built-in demo model)."""
+    finds (`checkpoint`, else an untrained model of `cfg`, else the built-in demo model;
+    `overrides` apply to a stored model's config)."""
     if artifact is not None:
         return artifact_engine(artifact)
-    resolved = resolve_model(checkpoint, cfg=cfg, seed=seed)
+    resolved = resolve_model(checkpoint, cfg=cfg, seed=seed, overrides=overrides)
     return model_engine(resolved.cfg, resolved.model, describe=resolved.describe,
                         untrained=resolved.untrained, max_steps=max_steps,
                         trained_prompts=resolved.trained_prompts, codec_dir=resolved.codec_dir)

@@ -108,6 +108,12 @@ def test_model_spec_errors_name_the_spec(tmp_path):
         evaluate.resolve_model(f"{tmp_path}@10")
     with pytest.raises(CheckpointError, match="names no model"):
         evaluate.resolve_model("label=")
+    # `lsd eval`'s trailing overrides reach the stored config, checked
+    fixed = evaluate.resolve_model("demo", ["diffusion.frame_noise=fixed"])
+    assert fixed.cfg.diffusion.frame_noise == "fixed"
+    assert evaluate.resolve_model("demo").cfg.diffusion.frame_noise == "fresh"
+    with pytest.raises(ConfigError, match="diffusion.frame_noise='still'"):
+        evaluate.resolve_model("demo", ["diffusion.frame_noise=still"])
 
 
 def test_report_sections_are_replaced_and_the_rest_kept(tmp_path):
@@ -293,6 +299,9 @@ def test_drift_stopped_and_resumed_equals_an_uninterrupted_stream(tmp_path):
     assert main(["eval", "drift", "--frames", "250", "--period", "100", "--resume"]) == 2
     with pytest.raises(ConfigError, match="not of this run"):
         evaluate.evaluate_drift(model, frames=300, period=100, progress=False, resume=ckpts[0])
+    fixed = evaluate.resolve_model("demo", ["diffusion.frame_noise=fixed"])
+    with pytest.raises(ConfigError, match="not of this run"):
+        evaluate.evaluate_drift(fixed, frames=250, period=100, progress=False, resume=ckpts[0])
 
 
 def test_browser_page_offers_the_trained_prompts():

@@ -126,6 +126,21 @@ def test_stream_bad_input_is_one_line(tmp_path, capsys):
     assert "no prompt for frame 0" in errors[2]
 
 
+def test_stream_overrides_of_a_stored_model(tmp_path, capsys):
+    """Overrides after the demo model (no --config) change how it runs and are checked; with an
+    exported artifact they are refused, not ignored."""
+    out = str(tmp_path / "o.mp4")
+    assert main(["stream", "--input", "demo", "--prompt", "x", "--out", out, "--max-frames", "2",
+                 "diffusion.frame_noise=bogus"]) == 2
+    assert main(["stream", "--artifact", str(tmp_path / "m.lsdx"), "--input", "demo",
+                 "--prompt", "x", "--out", out, "diffusion.frame_noise=fixed"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lsd: error")]
+    assert len(err) == 2, err
+    assert "diffusion.frame_noise='bogus'" in err[0] and "'fixed'" in err[0]
+    assert "diffusion.frame_noise=fixed with --artifact" in err[1]
+    assert not (tmp_path / "o.mp4").exists()
+
+
 @pytest.mark.slow
 def test_stream_compiles_the_step_once(tmp_path, compile_log):
     """The demo model's step compiles on the first frame only: the state it returns has the

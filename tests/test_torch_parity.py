@@ -32,7 +32,7 @@ ALL_OPTIONS = ["model.frame_height=16", "model.frame_width=16", "model.patch_siz
                "model.pixel_channels=8", "model.pixel_depth=2", "model.pixel_residual=true",
                "model.color_map=quadratic",
                "diffusion.context_noise=noised", "diffusion.ctx_level=0.1",
-               "diffusion.input_scale=signal"]
+               "diffusion.input_scale=signal", "diffusion.frame_noise=fixed"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +107,8 @@ def test_all_options_forward(options_cfg, options_pair):
 
 @pytest.mark.slow
 def test_all_options_streaming(options_cfg, options_pair):
-    """Rectified flow with shortcut step sizes and really-noised context frames."""
+    """Rectified flow with shortcut step sizes, really-noised context frames and the same
+    starting noise for every frame."""
     result = parity.check_streaming(options_cfg, options_pair, seed=3)
     assert result.rel <= 1e-5, result
 
@@ -132,6 +133,11 @@ def test_frame_noise_is_what_the_jax_step_draws(oasis_cfg):
     noise, _ = parity.frame_noise(key, 2, oasis_cfg.model.frame_shape, 2)
     _, k_noise, _ = jax.random.split(key, 3)
     np.testing.assert_array_equal(noise[0], np.asarray(initial_noise(k_noise, noise[0].shape)))
+    assert float(np.abs(noise[1] - noise[0]).mean()) > 0.5  # a new draw per frame
+    fixed, fixed_ctx = parity.frame_noise(key, 2, oasis_cfg.model.frame_shape, 3, fixed=True)
+    np.testing.assert_array_equal(fixed[0], noise[0])
+    np.testing.assert_array_equal(fixed[2], fixed[0])  # the key does not advance
+    np.testing.assert_array_equal(fixed_ctx[2], fixed_ctx[0])
 
 
 def test_vae_encode_decode():

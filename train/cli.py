@@ -207,7 +207,9 @@ def _register_eval(commands) -> None:
                     "lsd eval paraphrase: held-out phrasings of the prompts. lsd eval real: "
                     "scikit-image's GIF and LFW faces (real video never trained on) under "
                     "several prompts, as pictures. Tables and plots go to --out and into a "
-                    "section of --report.")
+                    "section of --report. Trailing key.path=value overrides apply to every "
+                    "model's stored config: how it runs (diffusion.frame_noise=fixed), not its "
+                    "shapes.")
     parser.add_argument("what", nargs="?", choices=("quality", "drift", "paraphrase", "real"),
                         default="quality")
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]SPEC",
@@ -273,7 +275,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else None
     report = Path(args.report) if args.report else None
     section = args.section or args.what
-    models = [evaluate.resolve_model(spec) for spec in specs]
+    models = [evaluate.resolve_model(spec, args.overrides) for spec in specs]
 
     def rel(path: Path) -> str:
         base = report.absolute().parent if report else Path.cwd()

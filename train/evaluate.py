@@ -75,8 +75,9 @@ class EvalModel(NamedTuple):
         return partial(step, self.state, codec_params=self.codec.params)
 
 
-def resolve_model(spec: str) -> EvalModel:
-    """The model named by `spec` (see the module docstring); errors name the spec."""
+def resolve_model(spec: str, overrides=()) -> EvalModel:
+    """The model named by `spec` (see the module docstring); errors name the spec. `overrides`
+    (`key.path=value`) apply to its stored config: how it runs, not its shapes."""
     from flax import nnx
 
     label, _, path_spec = spec.rpartition("=") if "=" in spec else ("", "", spec)
@@ -88,7 +89,7 @@ def resolve_model(spec: str) -> EvalModel:
 
     codec_dir = None
     if path_spec == "demo":
-        cfg, model = resolve_model()[:2]
+        cfg, model = resolve_model(overrides=overrides)[:2]
     elif "@" in path_spec:
         workdir, _, step_text = path_spec.rpartition("@")
         try:
@@ -96,12 +97,12 @@ def resolve_model(spec: str) -> EvalModel:
         except ValueError:
             raise CheckpointError(f"model spec {spec!r}: {step_text!r} is not a step number "
                                   "(expected WORKDIR@STEP)") from None
-        cfg, model = load_training_step(Path(workdir), step)
+        cfg, model = load_training_step(Path(workdir), step, overrides)
         if (Path(workdir) / "model" / "vae.json").is_file():
             codec_dir = Path(workdir) / "model"
     else:
         try:
-            resolved = resolve_model(path_spec)
+            resolved = resolve_model(path_spec, overrides=overrides)
         except CheckpointError as err:
             raise CheckpointError(f"model spec {spec!r}: {err}") from None
         cfg, model, codec_dir = resolved.cfg, resolved.model, resolved.codec_dir
@@ -114,7 +115,7 @@ def resolve_model(spec: str) -> EvalModel:
     return EvalModel(label or path_spec, path_spec, cfg, graphdef, state, codec)
 
 
-def load_training_step(workdir: Path, step: int):
+def load_training_step(workdir: Path, step: int, overrides=()):
     """`(cfg, model)` holding the EMA weights of training checkpoint `step` in `workdir`."""
     import jax
     import orbax.checkpoint as ocp
@@ -126,7 +127,7 @@ def load_training_step(workdir: Path, step: int):
     if not (workdir / "model" / "config.json").is_file():
         raise CheckpointError(f"{str(workdir)!r} is not a training work directory (no "
                               "model/config.json)")
-    cfg = load_config_from(workdir / "model")
+    cfg = load_config_from(workdir / "model", overrides)
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
     steps = manager.all_steps()
     if step not in steps:
@@ -297,7 +298,7 @@ def drift_run_key(model: EvalModel, *, frames: int, steps: int, task: str, perio
                   seed: int) -> dict:
     """What makes two drift runs the same stream (a checkpoint resumes only its own run)."""
     return {"spec": model.spec, "frames": frames, "steps": steps, "task": task,
-            "period": period, "seed": seed}
+            "period": period, "seed": seed, "frame_noise": model.cfg.diffusion.frame_noise}
 
 
 

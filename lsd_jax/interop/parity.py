@@ -120,12 +120,14 @@ def random_conditioning(cfg: Config, rng: np.random.Generator, batch: int, frame
     }
 
 
-def frame_noise(rng, batch: int, frame_shape, frames: int):
+def frame_noise(rng, batch: int, frame_shape, frames: int, *, fixed: bool = False):
     """`(noise_tbhwc, ctx_eps_tbhwc)` numpy: the initial noise and context noise the streaming
-    step and `reference_sample` draw from key `rng` for `frames` frames."""
+    step and `reference_sample` draw from key `rng` for `frames` frames (`fixed`: with
+    `diffusion.frame_noise="fixed"`, the key does not advance)."""
     noise, ctx_eps = [], []
     for _ in range(frames):
-        rng, k_noise, k_ctx = jax.random.split(rng, 3)
+        rng_next, k_noise, k_ctx = jax.random.split(rng, 3)
+        rng = rng if fixed else rng_next
         noise.append(initial_noise(k_noise, (batch, *frame_shape)))
         ctx_eps.append(jax.random.normal(k_ctx, (batch, *frame_shape), jnp.float32))
     return np.asarray(jnp.stack(noise)), np.asarray(jnp.stack(ctx_eps))
@@ -182,7 +184,8 @@ def check_trajectory(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 1
     out_jax = reference_sample(cfg, jitted_apply(pair.jax_model), key, _jnp(cond["cond_bthwc"]),
                                prompt_bp=_jnp(cond["prompt_bp"]),
                                external_btx=_jnp(cond["external_btx"]))
-    noise, ctx_eps = frame_noise(key, batch, cfg.model.frame_shape, frames)
+    noise, ctx_eps = frame_noise(key, batch, cfg.model.frame_shape, frames,
+                                 fixed=cfg.diffusion.frame_noise == "fixed")
     out_torch = torch_reference_sample(cfg, pair.torch_model, _torch(noise), _torch(ctx_eps),
                                        **{k: _torch(v) for k, v in cond.items()})
     return compare("trajectory", out_jax, out_torch,
@@ -247,7 +250,8 @@ def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
                          _jnp(cond["prompt_bp"]), _jnp(at(cond["external_btx"], i)))
         out_jax.append(np.asarray(x0))
 
-    noise, ctx_eps = frame_noise(key, batch, cfg.model.frame_shape, frames)
+    noise, ctx_eps = frame_noise(key, batch, cfg.model.frame_shape, frames,
+                                 fixed=cfg.diffusion.frame_noise == "fixed")
     torch_step = torch_streaming.make_stream_step(cfg, pair.torch_model)
     torch_state = torch_streaming.init_stream(cfg, batch)
     out_torch = []
