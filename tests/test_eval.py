@@ -116,6 +116,20 @@ def test_model_spec_errors_name_the_spec(tmp_path):
         evaluate.resolve_model("demo", ["diffusion.frame_noise=still"])
 
 
+def test_eval_command_checks_its_kind_and_overrides(capsys):
+    """`lsd eval` names a misspelt kind; an override may stand where the kind would (quality) or
+    follow it, and reaches the model's config, checked."""
+    from lsd_jax.cli import main
+
+    assert main(["eval", "qualty"]) == 2
+    assert main(["eval", "diffusion.frame_noise=still"]) == 2
+    assert main(["eval", "drift", "--frames", "300", "diffusion.frame_noise=still"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lsd: error")]
+    assert len(err) == 3, err
+    assert "'qualty', expected one of quality, drift, paraphrase, real" in err[0]
+    assert "diffusion.frame_noise='still'" in err[1] and "diffusion.frame_noise='still'" in err[2]
+
+
 def test_report_sections_are_replaced_and_the_rest_kept(tmp_path):
     report = tmp_path / "EVAL.md"
     report.write_text("# Evaluation\n\nHand-written notes.\n")

@@ -198,6 +198,9 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- lsd eval
 
 
+EVAL_KINDS = ("quality", "drift", "paraphrase", "real")
+
+
 def _register_eval(commands) -> None:
     parser = commands.add_parser(
         "eval", help="held-out quality (PSNR/SSIM/flicker by steps), long-stream drift, "
@@ -210,7 +213,9 @@ def _register_eval(commands) -> None:
                     "section of --report. Trailing key.path=value overrides apply to every "
                     "model's stored config: how it runs (diffusion.frame_noise=fixed), not its "
                     "shapes.")
-    parser.add_argument("what", nargs="?", choices=("quality", "drift", "paraphrase", "real"),
+    # No argparse choices: an override (`lsd eval diffusion.frame_noise=fixed`) may take this
+    # optional positional's place; `_run_eval` checks it.
+    parser.add_argument("what", nargs="?", metavar="{" + ",".join(EVAL_KINDS) + "}",
                         default="quality")
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]SPEC",
                         help="model: 'demo' (built in, the default), a model directory, a "
@@ -268,6 +273,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     from lsd_jax.errors import ConfigError
     from train import eval_report, evaluate
 
+    if "=" in args.what:  # an override in the optional positional's place
+        args.overrides, args.what = [args.what, *args.overrides], "quality"
+    if args.what not in EVAL_KINDS:
+        raise ConfigError(f"lsd eval {args.what!r}, expected one of {', '.join(EVAL_KINDS)} "
+                          "(or key.path=value overrides)")
     specs = args.checkpoint or ["demo"]
     if args.report and not args.out:
         raise ConfigError(f"lsd eval --report {args.report}: also give --out DIR for the "
