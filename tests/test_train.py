@@ -93,7 +93,7 @@ print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["t
 def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path):
     """`python -m train.ship_demo` copies the run's model with its trained prompts, and writes
     TRAINING.md with the recipe, the parameter count and the steps; an unfinished run is refused."""
-    from lsd_jax.checkpoint import load_model, load_trained_prompts
+    from lsd_jax.checkpoint import load_config_from, load_model, load_trained_prompts
     from lsd_jax.errors import CheckpointError
     from train.ship_demo import ship
     from train.tasks import TASKS
@@ -113,6 +113,17 @@ def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path
     (short / "model" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="stopped at step 20 of 40"):
         ship(short, "x", dest=tmp_path / "demo2")
+    # overrides of how it runs are stored and recorded; ones that change its shapes are refused
+    assert load_config_from(dest).diffusion.frame_noise == "fresh"
+    fixed = ship(uninterrupted, "x", dest=tmp_path / "fixed",
+                 overrides=("diffusion.frame_noise=fixed",))
+    assert load_config_from(fixed).diffusion.frame_noise == "fixed"
+    assert load_trained_prompts(fixed) == load_trained_prompts(dest)
+    record = (fixed / "TRAINING.md").read_text()
+    assert "Shipped to run with `diffusion.frame_noise=fixed`" in record
+    with pytest.raises(CheckpointError, match="change the model .model.depth."):
+        ship(uninterrupted, "x", dest=tmp_path / "deep", overrides=("model.depth=7",))
+    assert not (tmp_path / "deep").exists()
 
 
 def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted, monkeypatch):

@@ -1,11 +1,12 @@
 """Copy a finished `lsd train` run into the package as the built-in demo model.
 
-    python -m train.ship_demo --workdir runs/demo [--command "lsd train ..."]
+    python -m train.ship_demo --workdir runs/demo [--command "lsd train ..."] [key.path=value ...]
 
 Writes `lsd_jax/demo_model/`: the run's EMA model (`config.json`, `params/`), `loss.png`, and
 `TRAINING.md` with the command, the steps, the measured training time and throughput, and the
-final losses from the run's `metrics.jsonl`. Refuses a run that has not reached its last step, or
-weights over 20 MB.
+final losses from the run's `metrics.jsonl`. Overrides change how the shipped model runs (its
+stored config, e.g. `diffusion.frame_noise=fixed`), never its shapes, and are recorded in
+TRAINING.md. Refuses a run that has not reached its last step, or weights over 20 MB.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lsd_jax.checkpoint import load_config_from
+from lsd_jax.config import to_dict
 from lsd_jax.demo import DEMO_MODEL_DIR
-from lsd_jax.errors import CheckpointError
+from lsd_jax.errors import CheckpointError, ConfigError
 from lsd_jax.model import abstract_model, count_params
 
 MAX_BYTES = 20 * 2**20
@@ -50,7 +52,7 @@ def summarize(workdir: Path) -> dict:
             "loss_first": lines[0]["loss"]}
 
 
-def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR) -> Path:
+def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR, overrides=()) -> Path:
     model = workdir / "model"
     if not (model / "config.json").is_file():
         raise CheckpointError(f"{str(workdir)!r} has no exported model (model/config.json)")
@@ -62,11 +64,24 @@ def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR) -> Path:
     if size > MAX_BYTES:
         raise CheckpointError(f"model of {str(workdir)!r} is {size:,} bytes, over the "
                               f"{MAX_BYTES:,} allowed in the package")
-    cfg = load_config_from(model)
+    trained_cfg = load_config_from(model)
+    cfg = load_config_from(model, overrides)
+    if cfg.model != trained_cfg.model:
+        changed = [f"model.{k}" for k, v in vars(cfg.model).items()
+                   if v != getattr(trained_cfg.model, k)]
+        raise CheckpointError(f"overrides {' '.join(overrides)} change the model "
+                              f"({', '.join(changed)}): the shipped weights would not fit; "
+                              "expected overrides of how it runs (diffusion.*)")
     trainable = count_params(abstract_model(cfg.model))[1]
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(model, dest)
+    if overrides:
+        meta = json.loads((dest / "config.json").read_text())
+        meta["config"] = to_dict(cfg)
+        (dest / "config.json").write_text(json.dumps(meta, indent=2))
+    runs_with = ("" if not overrides else "\nShipped to run with " + ", ".join(
+        f"`{o}`" for o in overrides) + " (set at shipping: how it samples, not its weights).\n")
     if (workdir / "plots" / "loss.png").is_file():
         shutil.copy(workdir / "plots" / "loss.png", dest / "loss.png")
     try:
@@ -86,7 +101,7 @@ from the `{cfg.name}` recipe (`configs/{cfg.name}.py`; {trainable:,} parameters,
 {datetime.now(UTC):%Y-%m-%d} from a {platform.machine()} machine with
 {__import__('os').cpu_count()} CPU cores ({platform.python_implementation()}
 {platform.python_version()}).
-
+{runs_with}
 | | |
 |---|---|
 | steps | {s['steps']:,} (batch {s['batch_size']} clips x {s['clip_frames']} frames) |
@@ -108,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", default="lsd train --config configs/tiny_pixel.py "
                                               "--workdir runs/tiny_pixel",
                         help="the command that trained the run, written into TRAINING.md")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="how the shipped model runs (its stored config), e.g. "
+                             "diffusion.frame_noise=fixed")
     args = parser.parse_args(argv)
     try:
-        dest = ship(args.workdir, args.command)
-    except CheckpointError as err:
+        dest = ship(args.workdir, args.command, overrides=tuple(args.overrides))
+    except (CheckpointError, ConfigError) as err:
         print(f"ship_demo: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {dest} ({_dir_bytes(dest):,} bytes)")
