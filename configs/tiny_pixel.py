@@ -6,8 +6,10 @@ Changes from `configs/tiny_dit.py` (the plain tiny DiT recipe), each a config op
 modulated head adding a pixel-resolution correction), `model.color_map=quadratic` (a per-frame
 colour map of the input frame made from the prompt), `diffusion.input_scale=signal` (the
 starting noise enters as zeros), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide)
-trained on every phrasing of each task (`data.prompt_phrasings`), and seven more training
-photographs (`data.photographs=extended`).
+trained on every phrasing of each task (`data.prompt_phrasings`), seven more training
+photographs (`data.photographs=extended`), and, for sampling only, the same starting noise for
+every streamed frame (`diffusion.frame_noise=fixed`: less flicker for a few hundredths of a dB,
+EVAL.md).
 
 Trained with both cores, resumable across sessions (constant learning rate after warm-up, so
 raising `train.steps` on `--resume` continues the same run):
@@ -34,7 +36,7 @@ def get_config() -> Config:
         name="tiny_pixel",
         model=dataclasses.replace(base.model, pixel_channels=32, color_map="quadratic",
                                   prompt_dim=384),
-        diffusion=dataclasses.replace(base.diffusion, input_scale="signal"),
+        diffusion=dataclasses.replace(base.diffusion, input_scale="signal", frame_noise="fixed"),
         prompt=PromptConfig(encoder="minilm"),
         data=dataclasses.replace(base.data, photographs="extended", prompt_phrasings=True),
         train=dataclasses.replace(base.train, steps=20_000, warmup_steps=200, save_every=250,

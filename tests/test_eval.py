@@ -109,9 +109,9 @@ def test_model_spec_errors_name_the_spec(tmp_path):
     with pytest.raises(CheckpointError, match="names no model"):
         evaluate.resolve_model("label=")
     # `lsd eval`'s trailing overrides reach the stored config, checked
-    fixed = evaluate.resolve_model("demo", ["diffusion.frame_noise=fixed"])
-    assert fixed.cfg.diffusion.frame_noise == "fixed"
-    assert evaluate.resolve_model("demo").cfg.diffusion.frame_noise == "fresh"
+    assert evaluate.resolve_model("demo").cfg.diffusion.frame_noise == "fixed"  # as shipped
+    fresh = evaluate.resolve_model("demo", ["diffusion.frame_noise=fresh"])
+    assert fresh.cfg.diffusion.frame_noise == "fresh"
     with pytest.raises(ConfigError, match="diffusion.frame_noise='still'"):
         evaluate.resolve_model("demo", ["diffusion.frame_noise=still"])
 
@@ -313,9 +313,9 @@ def test_drift_stopped_and_resumed_equals_an_uninterrupted_stream(tmp_path):
     assert main(["eval", "drift", "--frames", "250", "--period", "100", "--resume"]) == 2
     with pytest.raises(ConfigError, match="not of this run"):
         evaluate.evaluate_drift(model, frames=300, period=100, progress=False, resume=ckpts[0])
-    fixed = evaluate.resolve_model("demo", ["diffusion.frame_noise=fixed"])
+    fresh = evaluate.resolve_model("demo", ["diffusion.frame_noise=fresh"])
     with pytest.raises(ConfigError, match="not of this run"):
-        evaluate.evaluate_drift(fixed, frames=250, period=100, progress=False, resume=ckpts[0])
+        evaluate.evaluate_drift(fresh, frames=250, period=100, progress=False, resume=ckpts[0])
 
 
 def test_browser_page_offers_the_trained_prompts():
