@@ -60,6 +60,26 @@ def test_heldout_split_is_disjoint():
         data.split_photographs("train", 2, "all")
 
 
+def test_unseen_split_is_disjoint_and_in_colour():
+    """The "unseen" pictures are in no training set and not held out; they load as colour
+    pictures and make moving clips."""
+    unseen = data.split_photographs("unseen", 2)
+    assert unseen == ("grace_hopper", "logo")
+    for photographs in data.PHOTOGRAPH_SETS:
+        assert set(unseen).isdisjoint(data.split_photographs("train", 2, photographs))
+    assert set(unseen).isdisjoint(data.PHOTOGRAPHS)
+    for name in unseen:
+        image = data.photograph(name, 96)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert min(image.shape[:2]) == 96
+        # colour, not grey: the channels differ
+        assert np.abs(image[..., 0].astype(int) - image[..., 2]).mean() > 10, name
+    clips = data.ProceduralClips(4, 32, 32, split="unseen")
+    clip = clips[3]
+    assert clip.shape == (4, 32, 32, 3) and clip.std() > 5
+    assert not np.array_equal(clip, data.ProceduralClips(4, 32, 32, split="heldout")[3])
+
+
 @pytest.mark.parametrize("task", [t for t in tasks.TASKS if t.name != "motion_trails"],
                          ids=lambda t: t.name)
 def test_per_frame_tasks_restyle_each_frame_alone(task, np_rng):

@@ -83,13 +83,14 @@ def test_task_streams_frame_by_frame_equal_the_clip_tasks():
 
 def test_validation_and_heldout_clips_are_not_training_clips():
     """Held-out clips come from the held-out photographs; validation clips from the training
-    photographs under other camera seeds: neither equals a clip the training stream yields."""
+    photographs under other camera seeds; unseen clips from pictures no split uses: none equals a
+    clip the training stream yields."""
     from train.data import ProceduralClips
 
     cfg = load_config("configs/demo.py")
     training = ProceduralClips(8, 64, 64, seed=cfg.data.shuffle_seed, split="train")
     train_clips = [training[i] for i in range(6)]
-    for split in ("heldout", "validation"):
+    for split in ("heldout", "validation", "unseen"):
         _, _, cond, target, prompts = eval_data.heldout_pairs(cfg, clips=3, frames=8,
                                                              tasks="sepia", split=split)
         assert cond.shape == (3, 8, 64, 64, 3) and prompts.shape == (3, cfg.model.prompt_dim)

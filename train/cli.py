@@ -229,10 +229,13 @@ def _register_eval(commands) -> None:
                         help="frames per clip (quality, default 24) or in the stream (drift, "
                              "default 3000)")
     parser.add_argument("--tasks", default="all", help="tasks (quality): all or names")
-    parser.add_argument("--split", choices=("heldout", "validation"), default="heldout",
-                        help="quality clips: heldout (photographs never trained on; the "
-                             "reported figures) or validation (training photographs, unseen "
-                             "camera seeds; for choosing recipes)")
+    parser.add_argument("--split", choices=("heldout", "validation", "unseen"),
+                        default="heldout",
+                        help="quality and paraphrase clips: heldout (photographs never trained "
+                             "on; the reported figures), validation (training photographs, unseen "
+                             "camera seeds; for choosing recipes) or unseen (two pictures no split "
+                             "trains on or holds out; for choosing recipes by how they carry to "
+                             "new pictures)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="real: a prompt to stream the clips under (repeat; default: a "
                              "pencil sketch, a thermal camera image, a cartoon with bold "

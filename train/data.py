@@ -44,7 +44,13 @@ PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohis
 # scenes and textures, colour and greyscale, all shipped inside scikit-image.
 EXTRA_PHOTOGRAPHS = ("retina", "motorcycle", "camera", "coins", "brick", "gravel", "page")
 PHOTOGRAPH_SETS = ("classic", "extended")
-SPLITS = ("train", "heldout")
+# The "unseen" split: two colour pictures that no split trains on or holds out, shipped inside the
+# installed packages (matplotlib's sample portrait, scikit-image's logo), paired like the held-out
+# split's photograph and graphic. Recipes are chosen on them when what matters is how a model
+# carries to pictures it never trained on (the "validation" eval split reuses the training
+# photographs under new camera seeds).
+UNSEEN_PHOTOGRAPHS = ("grace_hopper", "logo")
+SPLITS = ("train", "heldout", "unseen")
 ENDLESS = 2**62
 
 
@@ -58,8 +64,15 @@ def photograph(name: str, min_side: int) -> np.ndarray:
     """A scikit-image photograph, RGB uint8, resized (area) so its short side is `min_side`."""
     import skimage.data
 
-    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(
-        skimage.data, name)()
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    elif name == "motorcycle":
+        image = skimage.data.stereo_motorcycle()[0]
+    else:
+        image = getattr(skimage.data, name)()
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     image = np.ascontiguousarray(image[..., :3])
@@ -71,7 +84,8 @@ def photograph(name: str, min_side: int) -> np.ndarray:
 
 def split_photographs(split: str, heldout: int, photographs: str = "classic") -> tuple[str, ...]:
     """The photograph names of `split`: the last `heldout` of `PHOTOGRAPHS` for "heldout", the
-    others for "train" (with `EXTRA_PHOTOGRAPHS` when `photographs` is "extended")."""
+    others for "train" (with `EXTRA_PHOTOGRAPHS` when `photographs` is "extended"),
+    `UNSEEN_PHOTOGRAPHS` for "unseen"."""
     if split not in SPLITS:
         raise ConfigError(f"data split {split!r}, expected one of {SPLITS}")
     if not 0 < heldout < len(PHOTOGRAPHS):
@@ -80,6 +94,8 @@ def split_photographs(split: str, heldout: int, photographs: str = "classic") ->
         raise ConfigError(f"data.photographs={photographs!r}, expected one of {PHOTOGRAPH_SETS}")
     if split == "heldout":
         return PHOTOGRAPHS[-heldout:]
+    if split == "unseen":
+        return UNSEEN_PHOTOGRAPHS
     extra = EXTRA_PHOTOGRAPHS if photographs == "extended" else ()
     return PHOTOGRAPHS[:-heldout] + extra
 

@@ -9,16 +9,18 @@ import numpy as np
 from lsd_jax.config import Config
 from lsd_jax.errors import ConfigError
 
-EVAL_SPLITS = ("heldout", "validation")
-# "validation": the training photographs under camera seeds training never draws (recipe choices
-# are made on it, so the held-out split stays untouched).
+EVAL_SPLITS = ("heldout", "validation", "unseen")
+# "validation": the training photographs under camera seeds training never draws; "unseen":
+# pictures no split trains on or holds out (`train.data.UNSEEN_PHOTOGRAPHS`). Recipe choices are
+# made on these two, so the held-out split stays untouched.
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
 def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks: str = "all",
                   split: str = "heldout"):
     """`(task_names, prompts, cond, target, prompt_vecs)` for every task x held-out clip (or x
-    validation clip: `split="validation"`, training photographs under unseen camera seeds).
+    validation clip: `split="validation"`, training photographs under unseen camera seeds; or x
+    unseen clip: `split="unseen"`, pictures no split trains on or holds out).
 
     cond/target uint8 `[n_tasks * clips, frames, H, W, 3]` (task-major); prompt vectors
     `[n_tasks * clips, P]` or None for a model without prompts."""
@@ -35,7 +37,7 @@ def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks:
                                  split="train", heldout_images=cfg.data.heldout_images)
     else:
         source = ProceduralClips(frames, m.frame_height, m.frame_width, seed=seed,
-                                 split="heldout", heldout_images=cfg.data.heldout_images)
+                                 split=split, heldout_images=cfg.data.heldout_images)
     sources = [source[i] for i in range(clips)]
     chosen = select_tasks(tasks)
     encoder = make_prompt_encoder(cfg)
