@@ -71,7 +71,8 @@ class ModelConfig:
     pixel_depth: int = 2
     pixel_residual: bool = False
     # A per-frame colour map of the input frame added to the prediction, its coefficients made from
-    # the conditioning vector: "none", "affine" or "quadratic" in the input frame's channels.
+    # the conditioning vector: "none", "affine" or "quadratic" in the input frame's channels, or
+    # "curves" (quadratic plus a piecewise-linear tone curve of the luma; an RGB input frame).
     color_map: str = "none"
     # Per-frame conditioning vector: noise level (always), step size, prompt, external vector.
     freq_embed_dim: int = 256
@@ -103,10 +104,14 @@ class ModelConfig:
             if not self.cond_channels:
                 raise ConfigError(f"model.pixel_channels={self.pixel_channels} needs an input "
                                   "frame: model.cond_channels=0")
-        _check_choice("model.color_map", self.color_map, ("none", "affine", "quadratic"))
+        _check_choice("model.color_map", self.color_map,
+                      ("none", "affine", "quadratic", "curves"))
         if self.color_map != "none" and not self.cond_channels:
             raise ConfigError(f"model.color_map={self.color_map!r} needs an input frame: "
                               "model.cond_channels=0")
+        if self.color_map == "curves" and self.cond_channels != 3:
+            raise ConfigError(f"model.color_map='curves' takes the luma of an RGB input frame: "
+                              f"model.cond_channels={self.cond_channels}, expected 3")
         if self.pixel_residual and (not self.pixel_channels
                                     or self.cond_channels != self.channels):
             raise ConfigError(f"model.pixel_residual=True needs model.pixel_channels > 0 (got "

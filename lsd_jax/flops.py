@@ -16,7 +16,7 @@ usual for model-FLOPs figures. Per frame and per pass, with `N` tokens per frame
   `2 N p^2 F D`, head `2 P 9 (2F + C_cond + C) F + L 2 P 9 F F + 2 P F C` + modulation
   `2 D 2F(L+1)`; the final layer then outputs `p^2 (C + F)` per token;
 - the colour map (`model.color_map`, `K` features per pixel): coefficients `2 D C K`, applied
-  `2 P C K`.
+  `2 P C K` (making the features, a few elementwise operations per pixel, is not counted).
 
 One streaming pass is one frame with `K = window` (the `window - 1` cached frames plus itself).
 A streamed frame costs `steps` denoising passes plus one pass that writes its K/V to the cache;

@@ -246,22 +246,58 @@ class PixelPath(nnx.Module):
         return out + cond_bthwc.astype(jnp.float32) if self.residual else out
 
 
+# `model.color_map="curves"`: hinge knots of the tone curve on the input frame's luma (BT.601
+# weights), in model units ([-1, 1]); 1/16, 1/8, 1/4, 1/2 and 3/4 of the way up in [0, 1] units,
+# denser in the shadows, where gamma-like curves bend most.
+CURVE_KNOTS = (-0.875, -0.75, -0.5, 0.0, 0.5)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+COLOR_MAP_KINDS = ("none", "affine", "quadratic", "curves")
+
+
 def color_features(cond_bthwc, kind: str):
     """Per-pixel features of the input frame for `model.color_map`: `[..., C]` -> `[..., f]` with
     the channels and a constant ("affine", f = C + 1), plus their squares and pairwise products
-    ("quadratic", f = 2C + C(C-1)/2 + 1)."""
+    ("quadratic", f = 2C + C(C-1)/2 + 1), plus a piecewise-linear tone curve of the luma, one hinge
+    `max(luma - knot, 0)` per `CURVE_KNOTS` entry ("curves", RGB only: f = 15). Each kind's
+    features are the previous kind's with new ones inserted before the constant, so a smaller map
+    grows into a larger one without changing its function (`grow_color_map`)."""
     x = cond_bthwc.astype(jnp.float32)
     parts = [x]
-    if kind == "quadratic":
+    if kind in ("quadratic", "curves"):
         c = x.shape[-1]
         parts.append(x * x)
         parts.extend(x[..., i:i + 1] * x[..., j:j + 1] for i in range(c) for j in range(i + 1, c))
+    if kind == "curves":
+        luma = sum(w * x[..., i:i + 1] for i, w in enumerate(LUMA_WEIGHTS))
+        parts.extend(jax.nn.relu(luma - k) for k in CURVE_KNOTS)
     parts.append(jnp.ones_like(x[..., :1]))
     return jnp.concatenate(parts, axis=-1)
 
 
 def num_color_features(channels: int, kind: str) -> int:
-    return channels + 1 if kind == "affine" else 2 * channels + channels * (channels - 1) // 2 + 1
+    n = {"affine": channels + 1,
+         "quadratic": 2 * channels + channels * (channels - 1) // 2 + 1}
+    return n[kind] if kind in n else n["quadratic"] + len(CURVE_KNOTS)
+
+
+def grow_color_map(kernel_dk, bias_k, channels: int, old: str, new: str):
+    """The `color_map` linear layer's kernel `[D, C*f_old]` and bias of a model with
+    `model.color_map=old`, as those of `new` computing the same function: zero coefficients for
+    the features `new` adds (the constant stays last). `new` must extend `old`."""
+    order = COLOR_MAP_KINDS[1:]
+    if old not in order or new not in order or order.index(new) < order.index(old):
+        raise ValueError(f"model.color_map={old!r} does not grow into {new!r}: expected one of "
+                         f"{order} no earlier than {old!r}")
+    f_old, f_new = num_color_features(channels, old), num_color_features(channels, new)
+    # Coefficients [.., C, f]; the first f_old - 1 features keep their place, the constant moves.
+    src = list(range(f_old - 1)) + [f_new - 1]
+
+    def grow(a):
+        a = a.reshape(*a.shape[:-1], channels, f_old)
+        out = jnp.zeros((*a.shape[:-1], f_new), a.dtype).at[..., jnp.array(src)].set(a)
+        return out.reshape(*a.shape[:-2], channels * f_new)
+
+    return grow(kernel_dk), grow(bias_k)
 
 
 class StreamContext(NamedTuple):

@@ -109,13 +109,20 @@ def test_divisibility_errors_name_both_values(tiny_cfg, item, values):
     ("codec=jpeg", ["codec='jpeg'", "'pixel'"]),
     ("model.pixel_residual=true", ["model.pixel_residual=True", "pixel_channels > 0 (got 0)"]),
     ("model.pixel_channels=-8", ["model.pixel_channels=-8", ">= 0"]),
-    ("model.color_map=cubic", ["model.color_map='cubic'", "'affine'", "'quadratic'"]),
+    ("model.color_map=cubic", ["model.color_map='cubic'", "'affine'", "'quadratic'", "'curves'"]),
 ])
 def test_bad_values_are_named(tiny_cfg, item, names):
     with pytest.raises(ConfigError) as err:
         apply_overrides(tiny_cfg, [item])
     for name in names:
         assert name in str(err.value)
+
+
+def test_curves_colour_map_needs_an_rgb_input_frame(tiny_cfg):
+    assert apply_overrides(tiny_cfg, ["model.color_map=curves"]).model.color_map == "curves"
+    with pytest.raises(ConfigError, match=r"model.color_map='curves' .*RGB.*"
+                                          r"model.cond_channels=4, expected 3"):
+        apply_overrides(tiny_cfg, ["model.cond_channels=4", "model.color_map=curves"])
 
 
 def test_override_without_equals_is_an_error(tiny_cfg):

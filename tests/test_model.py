@@ -143,3 +143,57 @@ def test_bad_inputs_name_the_value():
               step_size_bt=inp["step"], prompt_bp=inp["prompt"])
     with pytest.raises(ValueError, match="needs `prompt`"):
         model(inp["x"], inp["time"], cond_bthwc=inp["cond"], step_size_bt=inp["step"])
+
+
+def test_color_features_of_each_kind():
+    """`color_features` on random pixels: each kind is the previous one's features with new ones
+    inserted before the constant; "curves" adds one hinge of the BT.601 luma per knot."""
+    import numpy as np
+
+    from lsd_jax.model import CURVE_KNOTS, color_features, num_color_features
+
+    x = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (2, 5, 7, 3), minval=-1, maxval=1))
+    feats = {k: np.asarray(color_features(jnp.asarray(x), k))
+             for k in ("affine", "quadratic", "curves")}
+    for kind, f in feats.items():
+        assert f.shape == (2, 5, 7, num_color_features(3, kind))
+        np.testing.assert_array_equal(f[..., -1], 1.0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    quad = np.stack([r, g, b, r * r, g * g, b * b, r * g, r * b, g * b], -1)
+    np.testing.assert_allclose(feats["quadratic"][..., :-1], quad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(feats["affine"][..., :-1], x)
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    hinges = np.stack([np.maximum(luma - k, 0.0) for k in CURVE_KNOTS], -1)
+    np.testing.assert_allclose(feats["curves"][..., 9:-1], hinges, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(feats["curves"][..., :9], feats["quadratic"][..., :-1])
+    assert 0.2 < (hinges > 0).mean() < 0.8  # the knots cut through the random pixels
+
+
+@pytest.mark.parametrize("old,new", [("affine", "quadratic"), ("quadratic", "curves"),
+                                     ("affine", "curves")])
+def test_color_map_grows_without_changing_the_function(old, new):
+    """A model's colour map grown into a larger kind (`grow_color_map`: the added features get
+    zero coefficients) computes what the model computed, on random weights and inputs."""
+    from lsd_jax.model import grow_color_map, num_color_features
+
+    cfg_old, model_old = small_model(["model.color_map=" + old], seed=4)
+    cfg_new, model_new = small_model(["model.color_map=" + new], seed=5)
+    params = nnx.to_pure_dict(nnx.state(model_old, nnx.Param))
+    kernel, bias = grow_color_map(params["color_map"]["kernel"], params["color_map"]["bias"],
+                                  cfg_old.model.channels, old, new)
+    params["color_map"] = {"kernel": kernel, "bias": bias}
+    state = nnx.state(model_new, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model_new, state)
+    inp = random_inputs(cfg_old, batch=2, frames=3)
+    want, got = forward(model_old, inp), forward(model_new, inp)
+    assert rel_err(got, want) < 1e-6
+    # ... and the added features matter once their coefficients move off zero
+    f_old, f_new = num_color_features(3, old), num_color_features(3, new)
+    added = [c * f_new + i for c in range(3) for i in range(f_old - 1, f_new - 1)]
+    params["color_map"]["bias"] = bias.at[jnp.array(added)].set(0.5)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model_new, state)
+    assert rel_err(forward(model_new, inp), want) > 1e-2
+    with pytest.raises(ValueError, match="does not grow into 'affine'"):
+        grow_color_map(params["color_map"]["kernel"], params["color_map"]["bias"], 3, new, "affine")

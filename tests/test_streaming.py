@@ -55,7 +55,7 @@ def stream(cfg, model, num_frames, cond, prompt, ext, *, rng, start_frame=0, ste
     OASIS_LIKE,
     ("diffusion.prediction=x0",),
     ("diffusion.prediction=x0", "model.pixel_channels=8", "model.pixel_residual=true",
-     "diffusion.input_scale=signal", "model.color_map=quadratic"),
+     "diffusion.input_scale=signal", "model.color_map=curves"),
     (*OASIS_LIKE, "diffusion.input_scale=signal"),
     ("diffusion.frame_noise=fixed", "diffusion.context_noise=noised", "diffusion.ctx_level=0.1"),
 ], ids=["rf-label", "rf-noised", "ddpm-oasis-like", "rf-x0", "rf-x0-pixel-signal",

@@ -30,7 +30,7 @@ ALL_OPTIONS = ["model.frame_height=16", "model.frame_width=16", "model.patch_siz
                "model.prompt_dim=8", "model.external_cond_dim=5", "model.qkv_bias=true",
                "model.rope_interleaved=false", "model.gelu_approximate=false",
                "model.pixel_channels=8", "model.pixel_depth=2", "model.pixel_residual=true",
-               "model.color_map=quadratic",
+               "model.color_map=curves",
                "diffusion.context_noise=noised", "diffusion.ctx_level=0.1",
                "diffusion.input_scale=signal", "diffusion.frame_noise=fixed"]
 

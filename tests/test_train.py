@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, rel_err
 
 from lsd_jax.config import load_config
 
@@ -157,6 +158,29 @@ def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted, monkey
     wider = apply_overrides(cfg, ["model.hidden_size=48"])
     with pytest.raises(ConfigError, match=r"model\.hidden_size=32.*model\.hidden_size=48"):
         warm_start(wider, build_step(wider, sharding.make_mesh(wider.mesh)), fresh)
+    # the colour map may grow: the source's weights, the new layer at zero, the same function
+    curves = apply_overrides(cfg, ["model.color_map=curves"])
+    sharded = build_step(curves, sharding.make_mesh(curves.mesh))
+    messages = []
+    grown = warm_start(curves, sharded, sharded.init(), messages.append)
+    assert messages == ["model.color_map grows from 'none' to 'curves' (the added features start "
+                        "at zero)"]
+    params = dict(grown["params"])
+    assert params.pop("color_map")["kernel"].shape == (32, 3 * 15)
+    assert all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(expected), strict=True))
+    from lsd_jax.model import model_from_params
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, *cfg.model.frame_shape))
+    cond = jax.random.uniform(jax.random.PRNGKey(1), x.shape, minval=-1, maxval=1)
+    time_bt = jnp.full((1, 2), 500.0)
+    step_bt = jnp.full((1, 2), 0.5) if cfg.model.use_step_size else None
+    out_grown, out_source = (
+        m(x, time_bt, cond_bthwc=cond, step_size_bt=step_bt,
+          prompt_bp=jax.random.normal(jax.random.PRNGKey(2), (1, cfg.model.prompt_dim)),
+          external_btx=None)
+        for m in (model_from_params(curves.model, grown["params"]), model))
+    assert rel_err(out_grown, out_source) < 1e-6
 
 
 @pytest.mark.slow

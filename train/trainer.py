@@ -375,26 +375,48 @@ def resume_config(workdir: Path, cfg: Config, overrides) -> Config:
 RUNTIME_MODEL_KEYS = ("attention_impl", "norm_impl", "remat_policy", "dtype")
 
 
-def warm_start(cfg: Config, sharded: ShardedStep, state: dict) -> dict:
+def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: None) -> dict:
     """`state` (fresh, step 0) with params and EMA replaced by the weights of the model directory
     `train.init_from`; its architecture (every `model.*` key but the runtime ones) and prompt
-    encoder must be `cfg`'s, else a `ConfigError` naming the first differing key."""
+    encoder must be `cfg`'s, else a `ConfigError` naming the first differing key. One change is
+    allowed: `model.color_map` may grow (none -> affine -> quadratic -> curves); the added
+    features start with zero coefficients, so step 0 computes what the source model computes."""
+    import dataclasses
+
     from lsd_jax.checkpoint import load_config_from, restore_params
     from lsd_jax.config import to_dict
+    from lsd_jax.model import COLOR_MAP_KINDS, grow_color_map
     from lsd_jax.prompt import check_encoder_record, encoder_record
 
     source = Path(cfg.train.init_from)
     saved = load_config_from(source)
     old, new = to_dict(saved.model), to_dict(cfg.model)
+    grows = (old.get("color_map") in COLOR_MAP_KINDS and new["color_map"] in COLOR_MAP_KINDS
+             and COLOR_MAP_KINDS.index(old["color_map"]) < COLOR_MAP_KINDS.index(new["color_map"]))
     for key in sorted(old.keys() | new.keys()):
-        if key not in RUNTIME_MODEL_KEYS and old.get(key) != new.get(key):
+        if key in RUNTIME_MODEL_KEYS or (key == "color_map" and grows):
+            continue
+        if old.get(key) != new.get(key):
             raise ConfigError(f"train.init_from={str(source)!r} holds a model with model.{key}="
                               f"{old.get(key)!r}; this config has model.{key}={new.get(key)!r}: "
-                              "a warm start needs the same architecture")
+                              "a warm start needs the same architecture (model.color_map may "
+                              f"only grow, in the order {COLOR_MAP_KINDS})")
     check_encoder_record(encoder_record(saved), cfg, f"train.init_from={str(source)!r}")
-    params = restore_params(source / "params",
-                            nnx.state(abstract_model(cfg.model), nnx.Param), "the config")
-    params = jax.device_put(nnx.to_pure_dict(params), sharded.state_shardings["params"])
+    stored = dataclasses.replace(cfg.model, color_map=old["color_map"])
+    params = nnx.to_pure_dict(restore_params(
+        source / "params", nnx.state(abstract_model(stored), nnx.Param), "the config"))
+    if grows:
+        fresh = jax.device_get(state["params"]["color_map"])
+        if old["color_map"] == "none":  # the fresh layer: zero-initialised
+            params["color_map"] = fresh
+        else:
+            kernel, bias = grow_color_map(params["color_map"]["kernel"],
+                                          params["color_map"]["bias"], cfg.model.channels,
+                                          old["color_map"], new["color_map"])
+            params["color_map"] = {"kernel": kernel, "bias": bias}
+        log(f"model.color_map grows from {old['color_map']!r} to {new['color_map']!r} "
+            "(the added features start at zero)")
+    params = jax.device_put(params, sharded.state_shardings["params"])
     return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
 
 
@@ -498,7 +520,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
         if resume:
             log(f"--resume: no checkpoint in {manager.directory}; starting from step 0")
         if cfg.train.init_from:
-            state = warm_start(cfg, sharded, state)
+            state = warm_start(cfg, sharded, state, log)
             log(f"step 0 takes its weights from {cfg.train.init_from} (train.init_from)")
     else:
         step, state, data_state = restored

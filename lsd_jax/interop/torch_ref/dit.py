@@ -30,7 +30,7 @@ from torch import nn
 
 from lsd_jax import rope
 from lsd_jax.config import ModelConfig
-from lsd_jax.model import STEP_EMBED_SCALE, num_color_features
+from lsd_jax.model import CURVE_KNOTS, LUMA_WEIGHTS, STEP_EMBED_SCALE, num_color_features
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -158,12 +158,15 @@ class FinalLayer(nn.Module):
 
 def color_features(x: torch.Tensor, kind: str) -> torch.Tensor:
     """`lsd_jax.model.color_features` in torch: channels (+ squares and pairwise products for
-    "quadratic") and a constant."""
+    "quadratic" and "curves", + hinges of the luma for "curves") and a constant."""
     parts = [x]
-    if kind == "quadratic":
+    if kind in ("quadratic", "curves"):
         c = x.shape[-1]
         parts.append(x * x)
         parts.extend(x[..., i:i + 1] * x[..., j:j + 1] for i in range(c) for j in range(i + 1, c))
+    if kind == "curves":
+        luma = sum(w * x[..., i:i + 1] for i, w in enumerate(LUMA_WEIGHTS))
+        parts.extend(F.relu(luma - k) for k in CURVE_KNOTS)
     parts.append(torch.ones_like(x[..., :1]))
     return torch.cat(parts, -1)
 
