@@ -45,6 +45,9 @@ def dtype_of(name: str):
 
     return np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
 
+# `model.color_map` kinds, each a superset of the one before (`lsd_jax.model.grow_color_map`).
+COLOR_MAP_KINDS = ("none", "affine", "quadratic", "curves")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -104,8 +107,7 @@ class ModelConfig:
             if not self.cond_channels:
                 raise ConfigError(f"model.pixel_channels={self.pixel_channels} needs an input "
                                   "frame: model.cond_channels=0")
-        _check_choice("model.color_map", self.color_map,
-                      ("none", "affine", "quadratic", "curves"))
+        _check_choice("model.color_map", self.color_map, COLOR_MAP_KINDS)
         if self.color_map != "none" and not self.cond_channels:
             raise ConfigError(f"model.color_map={self.color_map!r} needs an input frame: "
                               "model.cond_channels=0")

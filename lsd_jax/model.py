@@ -27,7 +27,7 @@ from flax import nnx
 from lsd_jax import rope
 from lsd_jax.activation_sharding import constrain_batch
 from lsd_jax.attention import get_attention
-from lsd_jax.config import ModelConfig, dtype_of
+from lsd_jax.config import COLOR_MAP_KINDS, ModelConfig, dtype_of
 from lsd_jax.norm import NormImpl, get_norm, layer_norm, modulate
 
 # The step-size input is -log2(d) in [0, log2(max_steps)]; scaling it spreads it over the
@@ -251,7 +251,6 @@ class PixelPath(nnx.Module):
 # denser in the shadows, where gamma-like curves bend most.
 CURVE_KNOTS = (-0.875, -0.75, -0.5, 0.0, 0.5)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-COLOR_MAP_KINDS = ("none", "affine", "quadratic", "curves")
 
 
 def color_features(cond_bthwc, kind: str):
@@ -275,9 +274,9 @@ def color_features(cond_bthwc, kind: str):
 
 
 def num_color_features(channels: int, kind: str) -> int:
-    n = {"affine": channels + 1,
-         "quadratic": 2 * channels + channels * (channels - 1) // 2 + 1}
-    return n[kind] if kind in n else n["quadratic"] + len(CURVE_KNOTS)
+    quadratic = 2 * channels + channels * (channels - 1) // 2 + 1
+    return {"affine": channels + 1, "quadratic": quadratic,
+            "curves": quadratic + len(CURVE_KNOTS)}[kind]
 
 
 def grow_color_map(kernel_dk, bias_k, channels: int, old: str, new: str):

@@ -384,8 +384,8 @@ def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: N
     import dataclasses
 
     from lsd_jax.checkpoint import load_config_from, restore_params
-    from lsd_jax.config import to_dict
-    from lsd_jax.model import COLOR_MAP_KINDS, grow_color_map
+    from lsd_jax.config import COLOR_MAP_KINDS, to_dict
+    from lsd_jax.model import grow_color_map
     from lsd_jax.prompt import check_encoder_record, encoder_record
 
     source = Path(cfg.train.init_from)
@@ -406,9 +406,8 @@ def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: N
     params = nnx.to_pure_dict(restore_params(
         source / "params", nnx.state(abstract_model(stored), nnx.Param), "the config"))
     if grows:
-        fresh = jax.device_get(state["params"]["color_map"])
         if old["color_map"] == "none":  # the fresh layer: zero-initialised
-            params["color_map"] = fresh
+            params["color_map"] = jax.device_get(state["params"]["color_map"])
         else:
             kernel, bias = grow_color_map(params["color_map"]["kernel"],
                                           params["color_map"]["bias"], cfg.model.channels,
