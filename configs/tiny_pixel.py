@@ -3,13 +3,13 @@ recipe chosen by the recipe search of EVAL.md (validation split, equal steps).
 
 Changes from `configs/tiny_dit.py` (the plain tiny DiT recipe), each a config option:
 `model.pixel_channels=32` (3x3 convolutions at 64x64 around the DiT: stem on the input frame,
-modulated head adding a pixel-resolution correction), `model.color_map=quadratic` (a per-frame
-colour map of the input frame made from the prompt), `diffusion.input_scale=signal` (the
-starting noise enters as zeros), MiniLM prompt embeddings (`prompt.encoder=minilm`, 384 wide)
-trained on every phrasing of each task (`data.prompt_phrasings`), seven more training
-photographs (`data.photographs=extended`), and, for sampling only, the same starting noise for
-every streamed frame (`diffusion.frame_noise=fixed`: less flicker for a few hundredths of a dB,
-EVAL.md).
+modulated head adding a pixel-resolution correction), `model.color_map=curves` (a per-frame
+colour map of the input frame made from the prompt: quadratic in RGB plus a tone curve of its
+luma), `diffusion.input_scale=signal` (the starting noise enters as zeros), MiniLM prompt
+embeddings (`prompt.encoder=minilm`, 384 wide) trained on every phrasing of each task
+(`data.prompt_phrasings`), seven more training photographs (`data.photographs=extended`), and,
+for sampling only, the same starting noise for every streamed frame
+(`diffusion.frame_noise=fixed`: less flicker for a few hundredths of a dB, EVAL.md).
 
 Trained with both cores, resumable across sessions (constant learning rate after warm-up, so
 raising `train.steps` on `--resume` continues the same run):
@@ -34,7 +34,7 @@ def get_config() -> Config:
     return dataclasses.replace(
         base,
         name="tiny_pixel",
-        model=dataclasses.replace(base.model, pixel_channels=32, color_map="quadratic",
+        model=dataclasses.replace(base.model, pixel_channels=32, color_map="curves",
                                   prompt_dim=384),
         diffusion=dataclasses.replace(base.diffusion, input_scale="signal", frame_noise="fixed"),
         prompt=PromptConfig(encoder="minilm"),
