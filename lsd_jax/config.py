@@ -49,6 +49,12 @@ def dtype_of(name: str):
 COLOR_MAP_KINDS = ("none", "affine", "quadratic", "curves")
 
 
+def color_map_grows(old, new) -> bool:
+    """Whether a model with `model.color_map=old` grows into `new`: both kinds, `new` later."""
+    return (old in COLOR_MAP_KINDS and new in COLOR_MAP_KINDS
+            and COLOR_MAP_KINDS.index(old) < COLOR_MAP_KINDS.index(new))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The causal spatio-temporal DiT (docs/DESIGN.md section 2).

@@ -27,7 +27,7 @@ from flax import nnx
 from lsd_jax import rope
 from lsd_jax.activation_sharding import constrain_batch
 from lsd_jax.attention import get_attention
-from lsd_jax.config import COLOR_MAP_KINDS, ModelConfig, dtype_of
+from lsd_jax.config import COLOR_MAP_KINDS, ModelConfig, color_map_grows, dtype_of
 from lsd_jax.norm import NormImpl, get_norm, layer_norm, modulate
 
 # The step-size input is -log2(d) in [0, log2(max_steps)]; scaling it spreads it over the
@@ -283,10 +283,9 @@ def grow_color_map(kernel_dk, bias_k, channels: int, old: str, new: str):
     """The `color_map` linear layer's kernel `[D, C*f_old]` and bias of a model with
     `model.color_map=old`, as those of `new` computing the same function: zero coefficients for
     the features `new` adds (the constant stays last). `new` must extend `old`."""
-    order = COLOR_MAP_KINDS[1:]
-    if old not in order or new not in order or order.index(new) < order.index(old):
+    if old not in COLOR_MAP_KINDS[1:] or (new != old and not color_map_grows(old, new)):
         raise ValueError(f"model.color_map={old!r} does not grow into {new!r}: expected one of "
-                         f"{order} no earlier than {old!r}")
+                         f"{COLOR_MAP_KINDS[1:]} no earlier than {old!r}")
     f_old, f_new = num_color_features(channels, old), num_color_features(channels, new)
     # Coefficients [.., C, f]; the first f_old - 1 features keep their place, the constant moves.
     src = list(range(f_old - 1)) + [f_new - 1]

@@ -384,15 +384,14 @@ def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: N
     import dataclasses
 
     from lsd_jax.checkpoint import load_config_from, restore_params
-    from lsd_jax.config import COLOR_MAP_KINDS, to_dict
+    from lsd_jax.config import COLOR_MAP_KINDS, color_map_grows, to_dict
     from lsd_jax.model import grow_color_map
     from lsd_jax.prompt import check_encoder_record, encoder_record
 
     source = Path(cfg.train.init_from)
     saved = load_config_from(source)
     old, new = to_dict(saved.model), to_dict(cfg.model)
-    grows = (old.get("color_map") in COLOR_MAP_KINDS and new["color_map"] in COLOR_MAP_KINDS
-             and COLOR_MAP_KINDS.index(old["color_map"]) < COLOR_MAP_KINDS.index(new["color_map"]))
+    grows = color_map_grows(old.get("color_map"), new["color_map"])
     for key in sorted(old.keys() | new.keys()):
         if key in RUNTIME_MODEL_KEYS or (key == "color_map" and grows):
             continue
