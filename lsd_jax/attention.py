@@ -54,12 +54,21 @@ def get_attention(name: str, *, dtype: str | None = None,
 
 
 def xla_attention(q, k, v, mask=None):
+    """Softmax attention, heads moved ahead of tokens for the two products (XLA:CPU runs
+    `[heads, q, e] x [heads, k, e]` faster than the token-major layout), float32 logits, and the
+    softmax's division applied to the `[q, heads, e]` output rather than the `[heads, q, k]`
+    weights (flash attention's order: fewer divisions, the same result)."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
+    heads_first = lambda a: jnp.swapaxes(a, -2, -3)  # noqa: E731  [..., n, h, e] -> [..., h, n, e]
+    logits = jnp.einsum("...hqd,...hkd->...hqk", heads_first(q), heads_first(k),
+                        preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("...hqk,...hkd->...hqd", weights.astype(v.dtype), heads_first(v),
+                     preferred_element_type=jnp.float32) / total
+    return heads_first(out).astype(v.dtype)
 
 
 def jax_nn_attention(q, k, v, mask=None):
@@ -114,5 +123,30 @@ def reference(attend) -> AttentionImpl:
     return AttentionImpl(spatial, temporal_band, temporal_cache)
 
 
-XLA = reference(xla_attention)
+def temporal_cache_elementwise(q, k_new, v_new, cache_k, cache_v, *, age, valid, angles,
+                               interleaved):
+    """`temporal_cache` as products and sums over the `s + 1` keys of each token and head: with
+    one query per token the attention is too small for matrix products, which only add layout
+    copies. Computes what `reference(...).temporal_cache` computes."""
+    new_pos = angles.shape[0] - 1
+    q = rope.apply_rope(q, angles[new_pos], interleaved=interleaved)
+    k_new = rope.apply_rope(k_new, angles[new_pos], interleaved=interleaved)
+    k_cache = rope.apply_rope(cache_k, angles[new_pos - age][:, None, None, :],
+                              interleaved=interleaved)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    q = f32(q) * q.shape[-1] ** -0.5  # [b, 1, n, h, e]
+    logits_cache = jnp.sum(q * f32(k_cache), axis=-1)  # [b, s, n, h]
+    logits_cache = jnp.where(valid[:, :, None, None], logits_cache, -jnp.inf)
+    logits_new = jnp.sum(q * f32(k_new), axis=-1)  # [b, 1, n, h]
+    top = jnp.maximum(jnp.max(logits_cache, axis=1, keepdims=True), logits_new)
+    w_cache, w_new = jnp.exp(logits_cache - top), jnp.exp(logits_new - top)
+    total = jnp.sum(w_cache, axis=1, keepdims=True) + w_new
+    out = (jnp.sum(w_cache[..., None] * f32(cache_v), axis=1, keepdims=True)
+           + w_new[..., None] * f32(v_new)) / total[..., None]
+    return out.astype(v_new.dtype)
+
+
+# The dense-mask form of all three entry points: the plainest statement of what they compute.
+DENSE = reference(xla_attention)
+XLA = DENSE._replace(temporal_cache=temporal_cache_elementwise)
 JAX_NN = reference(jax_nn_attention)

@@ -13,7 +13,7 @@ import pytest
 from conftest import rel_err
 
 from lsd_jax import kernels, rope
-from lsd_jax.attention import XLA, AttentionImpl
+from lsd_jax.attention import DENSE, XLA, AttentionImpl
 from lsd_jax.config import ModelConfig
 from lsd_jax.errors import ConfigError
 from lsd_jax.norm import XLA as NORM_XLA
@@ -128,11 +128,15 @@ KINDS = ("spatial", "temporal_band", "temporal_cache")
 TRAINED = ("spatial", "temporal_band")  # the cache is read by the streaming step only
 
 
+@pytest.mark.parametrize("impl", ["xla", "dense"])
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_reference_matches_float64_oracle(kind, interleaved):
+def test_reference_matches_float64_oracle(kind, interleaved, impl):
+    """The "xla" row (its ring-buffer attention written as products and sums) and the dense-mask
+    form of all three entry points, against the float64 oracle."""
     name, arrays, kw = _case(kind, "float32", interleaved)
-    out = jax.jit(lambda *a: getattr(XLA, name)(*a, **kw))(*arrays)
+    ref = {"xla": XLA, "dense": DENSE}[impl]
+    out = jax.jit(lambda *a: getattr(ref, name)(*a, **kw))(*arrays)
     assert out.shape == arrays[0].shape and out.dtype == jnp.float32
     assert rel_err(out, _oracle(kind, arrays, kw)) <= TOL["float32"]
 
