@@ -15,7 +15,10 @@ Inside one step: encode the input frame, start from noise, `k` denoising steps o
 reading (never writing) the cache, then one more pass of the finished frame at the context level
 `t_ctx` (clean and labelled `t_ctx`, or really noised to it) whose K/V are written into the ring
 buffer. That extra pass makes the cache hold exactly what the full banded forward over the
-generated history computes (see `reference_sample`).
+generated history computes (see `reference_sample`). With `diffusion.cache_from="last_step"` the
+cache keeps the K/V of the last denoising pass instead (the frame as it was at the last step's
+level, labelled so), one pass fewer per frame; `reference_sample` then builds the history the
+same way.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lsd_jax.diffusion import initial_noise, make_process
 from lsd_jax.errors import ConfigError
 from lsd_jax.model import StreamContext
 from lsd_jax.stream_state import StreamState
+from lsd_jax.xla_options import step_compiler_options
 
 
 def cache_size(cfg: Config) -> int:
@@ -104,6 +108,7 @@ def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll:
     m = cfg.model
     ctx_level = cfg.diffusion.ctx_level
     min_step = process.min_step_size
+    cache_last = cfg.diffusion.cache_from == "last_step"
 
     def step(params, state: StreamState, cond_bhwc, prompt_bp=None, external_bx=None):
         model = nnx.merge(graphdef, params)
@@ -114,20 +119,32 @@ def make_latent_step(cfg: Config, graphdef, *, steps: int | None = None, unroll:
         full = lambda value: jnp.full((batch,), value, jnp.float32)  # noqa: E731
         step_b = lambda d: full(d) if m.use_step_size else None  # noqa: E731
 
-        def denoise(x_bhwc, level):
+        def run_pass(x_bhwc, t, d):
+            return model.stream_pass(process.network_input(x_bhwc, t),
+                                     full(process.model_time(t)), ctx, step_size_b=step_b(d),
+                                     **kwargs)
+
+        @jax.named_scope("denoise")
+        def denoise(carry, level):
             t, t_next, d = level
-            pred, _, _ = model.stream_pass(process.network_input(x_bhwc, t),
-                                           full(process.model_time(t)), ctx,
-                                           step_size_b=step_b(d), **kwargs)
-            return process.denoise_step(x_bhwc, pred, t, t_next), None
+            pred, k, v = run_pass(carry[0], t, d)
+            x_next = process.denoise_step(carry[0], pred, t, t_next)
+            return ((x_next, (k, v)) if cache_last else (x_next,)), None
 
         x_bhwc = initial_noise(k_noise, (batch, *m.frame_shape))
-        x0_bhwc, _ = jax.lax.scan(denoise, x_bhwc, (levels[:-1], levels[1:], step_sizes),
-                                  unroll=unroll)
-        x_ctx = context_frame(cfg, process, x0_bhwc, k_ctx)
-        _, k_new, v_new = model.stream_pass(process.network_input(x_ctx, ctx_level),
-                                            full(process.model_time(ctx_level)), ctx,
-                                            step_size_b=step_b(min_step), **kwargs)
+        carry = (x_bhwc,)
+        if cache_last:  # the last pass's K/V are what the cache keeps
+            kv_shape = (m.depth, batch, m.tokens_per_frame, m.num_heads, m.head_dim)
+            carry = (x_bhwc, (jnp.zeros(kv_shape, dtype_of(m.dtype)),) * 2)
+        carry, _ = jax.lax.scan(denoise, carry, (levels[:-1], levels[1:], step_sizes),
+                                unroll=unroll)
+        x0_bhwc = carry[0]
+        if cache_last:
+            k_new, v_new = carry[1]
+        else:
+            x_ctx = context_frame(cfg, process, x0_bhwc, k_ctx)
+            with jax.named_scope("cache_write"):
+                _, k_new, v_new = run_pass(x_ctx, ctx_level, min_step)
         return write_cache(cfg, state, k_new, v_new)._replace(rng=rng), x0_bhwc
 
     return step
@@ -169,7 +186,7 @@ def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool =
         state, x0_bhwc = latent_step(params, state, cond, prompt_bp, external_bx)
         return state, bound.decode(x0_bhwc)
 
-    return jax.jit(step, donate_argnames="state")
+    return jax.jit(step, donate_argnames="state", compiler_options=step_compiler_options())
 
 
 def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None = None,
@@ -177,23 +194,25 @@ def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None =
     """Plain autoregressive sampler: no cache, the banded full forward re-run at every step.
 
     For each new frame and each denoising step, runs `model(...)` over every frame generated so
-    far (as history: at `t_ctx`, as the cache holds it) plus the new one, and keeps the new
-    frame's prediction. Consumes `rng` exactly as `make_latent_step` does. Returns x0 `[b,t,h,w,c]`.
+    far (as history: as the cache holds it, the finished frame at `t_ctx`, or with
+    `diffusion.cache_from="last_step"` the frame at its last step's level) plus the new one, and
+    keeps the new frame's prediction. Consumes `rng` exactly as `make_latent_step` does. Returns x0 `[b,t,h,w,c]`.
     """
     process, levels, step_sizes = _schedule(cfg, steps)
     m = cfg.model
     batch, num_frames = cond_bthwc.shape[:2] if cond_bthwc is not None else external_btx.shape[:2]
-    history, outputs = [], []
+    # Each history frame as the cache holds it: its content, level and step size.
+    history, hist_levels, hist_steps, outputs = [], [], [], []
     for i in range(num_frames):
         rng, k_noise, k_ctx = frame_keys(cfg, rng)
         x = initial_noise(k_noise, (batch, *m.frame_shape))
-        ctx_time = process.model_time(cfg.diffusion.ctx_level)
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
-            level_bt = jnp.broadcast_to(jnp.asarray(
-                [cfg.diffusion.ctx_level] * i + [t], jnp.float32), (batch, i + 1))
+            level_bt = jnp.broadcast_to(jnp.asarray([*hist_levels, t], jnp.float32),
+                                        (batch, i + 1))
             clip = process.network_input(jnp.stack([*history, x], axis=1), level_bt)
-            time_bt = jnp.asarray([ctx_time] * i + [process.model_time(t)], jnp.float32)
-            step_bt = jnp.asarray([process.min_step_size] * i + [d], jnp.float32)
+            time_bt = jnp.asarray([process.model_time(v) for v in (*hist_levels, t)],
+                                  jnp.float32)
+            step_bt = jnp.asarray([*hist_steps, d], jnp.float32)
             pred = model(
                 clip, jnp.broadcast_to(time_bt, (batch, i + 1)),
                 cond_bthwc=None if cond_bthwc is None else cond_bthwc[:, : i + 1],
@@ -201,7 +220,15 @@ def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None =
                 prompt_bp=prompt_bp,
                 external_btx=None if external_btx is None else external_btx[:, : i + 1],
             )[:, -1]
+            x_last = x
             x = process.denoise_step(x, pred, t, t_next)
         outputs.append(x)
-        history.append(context_frame(cfg, process, x, k_ctx))
+        if cfg.diffusion.cache_from == "last_step":
+            history.append(x_last)
+            hist_levels.append(float(levels[-2]))
+            hist_steps.append(float(step_sizes[-1]))
+        else:
+            history.append(context_frame(cfg, process, x, k_ctx))
+            hist_levels.append(cfg.diffusion.ctx_level)
+            hist_steps.append(process.min_step_size)
     return jnp.stack(outputs, axis=1)
