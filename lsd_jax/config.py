@@ -71,6 +71,10 @@ class ModelConfig:
     hidden_size: int = 128
     depth: int = 4
     num_heads: int = 4
+    # Width of one attention head: 0 is `hidden_size / num_heads`; set apart from it, the
+    # attention's inner width `num_heads * head_width` differs from `hidden_size` (a model whose
+    # heads were pruned by `lsd prune` keeps its head width).
+    head_width: int = 0
     mlp_ratio: float = 4.0
     window: int = 8
     # Full-resolution convolutional path around the DiT (`PixelPath` in model.py): its width
@@ -130,12 +134,18 @@ class ModelConfig:
             if size % self.patch_size:
                 raise ConfigError(
                     f"model.{name}={size} is not divisible by model.patch_size={self.patch_size}")
-        if self.hidden_size % self.num_heads:
+        _check_positive("model.head_width", self.head_width, allow_zero=True)
+        if not self.head_width and self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                              f"model.num_heads={self.num_heads}")
+                              f"model.num_heads={self.num_heads} (or set model.head_width)")
         if self.head_dim % 4:
-            raise ConfigError(f"head dim {self.head_dim} (model.hidden_size / model.num_heads) "
-                              "must be divisible by 4 for the 2-D axial rotary embedding")
+            raise ConfigError(f"head dim {self.head_dim} (model.head_width, or model.hidden_size "
+                              "/ model.num_heads) must be divisible by 4 for the 2-D axial rotary "
+                              "embedding")
+        if self.hidden_size * self.mlp_ratio != self.mlp_width:
+            raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} gives an MLP width of "
+                              f"{self.hidden_size * self.mlp_ratio} at model.hidden_size="
+                              f"{self.hidden_size}, expected a whole number of channels")
         if self.freq_embed_dim % 2:
             raise ConfigError(f"model.freq_embed_dim={self.freq_embed_dim} must be even")
         if self.window < 2:
@@ -148,7 +158,16 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_width or self.hidden_size // self.num_heads
+
+    @property
+    def attention_width(self) -> int:
+        """The attention's inner width: queries, keys and values of all heads."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -222,6 +241,10 @@ class DiffusionConfig:
     # stream's key does not advance: every frame starts from the same noise, which trades a little
     # PSNR for less flicker; sampling only, training is unchanged).
     frame_noise: str = "fresh"
+    # What the ring buffer caches of a finished frame: "context" (one more pass of the finished
+    # frame at t_ctx, whose K/V are written) or "last_step" (the K/V of the last denoising pass,
+    # the frame at the last step's level: one pass fewer per frame).
+    cache_from: str = "context"
     # Training objective.
     noise_sampler: str = "independent"
     # Rectified flow: training levels u ~ U[0, 1] shifted to s u / (1 + (s - 1) u) (1: uniform).
@@ -241,6 +264,7 @@ class DiffusionConfig:
         _check_choice("diffusion.noise_sampler", self.noise_sampler, NOISE_SAMPLERS)
         _check_choice("diffusion.context_noise", self.context_noise, ("label", "noised"))
         _check_choice("diffusion.frame_noise", self.frame_noise, ("fresh", "fixed"))
+        _check_choice("diffusion.cache_from", self.cache_from, ("context", "last_step"))
         _check_choice("diffusion.prediction", self.prediction, ("velocity", "x0"))
         if self.prediction == "x0" and self.process != "rectified_flow":
             raise ConfigError(f"diffusion.prediction='x0' with diffusion.process="
@@ -319,6 +343,10 @@ class TrainConfig:
     `init_from` (a model directory: a run's `WORKDIR/model`, the built-in demo's, an `lsd convert`
     output) starts a new run from those weights (params and EMA) with a fresh optimiser at step 0;
     the model's architecture and prompt encoder must be the config's.
+    `distill_from` (a model directory, a training work directory, or "demo") is a teacher: every
+    batch's input clips are streamed through it (its own streaming step, as `lsd stream` runs it)
+    and its outputs are a second regression target of the flow-matching items, weighted by
+    `distill_weight`, beside the task's own target (the recovery of a pruned model, `lsd prune`).
     """
 
     steps: int = 1000
@@ -337,8 +365,11 @@ class TrainConfig:
     sample_every: int = 500
     seed: int = 0
     init_from: str = ""
+    distill_from: str = ""
+    distill_weight: float = 1.0
 
     def __post_init__(self):
+        _check_positive("train.distill_weight", self.distill_weight, allow_zero=True)
         for name in ("steps", "keep", "log_every"):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("batch_size", "warmup_steps", "save_every", "sample_every", "weight_decay",
@@ -495,8 +526,18 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load `get_config()` from a Python config file and apply overrides."""
+    """Load `get_config()` from a Python config file, or the stored config of a model directory
+    (`config.json`, e.g. what `lsd prune` writes), and apply overrides."""
     path = Path(path)
+    if (path / "config.json").is_file():
+        import json
+
+        try:
+            stored = json.loads((path / "config.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{str(path / 'config.json')!r} holds no readable config: "
+                              f"{type(err).__name__}: {err}") from None
+        return apply_overrides(from_dict(stored), list(overrides))
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist (expected e.g. "
                           "configs/tiny.py)")
@@ -548,7 +589,7 @@ def resolve_config(spec: str) -> Path:
     by its stem in the `configs` package.
     """
     path = Path(spec)
-    if path.is_file():
+    if path.is_file() or (path / "config.json").is_file():
         return path
     if path.suffix in ("", ".py") and (len(path.parts) == 1 or path.parent.name == "configs"):
         packaged = importlib.resources.files("configs").joinpath(f"{path.stem}.py")

@@ -46,17 +46,17 @@ def dit_flops(cfg: ModelConfig, *, frames: int, keys_per_frame: int) -> dict[str
     `W` for a streaming pass, the clip length `T` for the masked dense full-clip forward.
     """
     n, d, p = cfg.tokens_per_frame, cfg.hidden_size, cfg.patch_size
-    mlp = int(cfg.hidden_size * cfg.mlp_ratio)
+    mlp, a = cfg.mlp_width, cfg.attention_width
     time_mlp = 2 * (cfg.freq_embed_dim * d + d * d)
-    sub_block_linear = 2 * d * 6 * d + 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * mlp
+    sub_block_linear = 2 * d * 6 * d + 2 * n * d * 3 * a + 2 * n * a * d + 2 * 2 * n * d * mlp
     counts = {
         "patch_embed": 2 * n * p * p * (cfg.channels + cfg.cond_channels) * d * frames,
         "conditioning": (time_mlp * (2 if cfg.use_step_size else 1)
                          + 2 * cfg.external_cond_dim * d) * frames,
         "prompt": 2 * cfg.prompt_dim * d,
         "block_linear": 2 * cfg.depth * sub_block_linear * frames,
-        "spatial_attention": cfg.depth * 4 * n * n * d * frames,
-        "temporal_attention": cfg.depth * 4 * n * keys_per_frame * d * frames,
+        "spatial_attention": cfg.depth * 4 * n * n * a * frames,
+        "temporal_attention": cfg.depth * 4 * n * keys_per_frame * a * frames,
         "final_layer": (2 * d * 2 * d + 2 * n * d * p * p * (cfg.channels + cfg.pixel_channels))
         * frames,
     }

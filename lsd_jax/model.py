@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -88,10 +89,10 @@ class Attention(nnx.Module):
     """`to_qkv` (q, k, v chunks, each head-major) and `to_out`; the mixing is passed in."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d = cfg.hidden_size
+        d, a = cfg.hidden_size, cfg.attention_width
         self.num_heads = cfg.num_heads
-        self.to_qkv = _linear(cfg, d, 3 * d, ("embed", "heads"), rngs=rngs, bias=cfg.qkv_bias)
-        self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs=rngs)
+        self.to_qkv = _linear(cfg, d, 3 * a, ("embed", "heads"), rngs=rngs, bias=cfg.qkv_bias)
+        self.to_out = _linear(cfg, a, d, ("heads", "embed"), rngs=rngs)
 
     def qkv(self, x_btnd):
         qkv = self.to_qkv(x_btnd).reshape(*x_btnd.shape[:-1], 3, self.num_heads, -1)
@@ -103,7 +104,7 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        hidden = cfg.mlp_width
         self.approximate = cfg.gelu_approximate
         self.fc1 = _linear(cfg, cfg.hidden_size, hidden, ("embed", "mlp"), rngs=rngs)
         self.fc2 = _linear(cfg, hidden, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
@@ -127,12 +128,17 @@ class SubBlock(nnx.Module):
                                         ("embed", "mlp"), rngs=rngs, zero=True)
 
     def __call__(self, x_btnd, c_btd, mix: Mixer, norm: NormImpl):
-        mod_bt1d = self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :]
+        with jax.named_scope("modulation"):
+            mod_bt1d = self.adaLN_modulation(jax.nn.silu(c_btd))[:, :, None, :]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod_bt1d, 6, -1)
-        q, k, v = self.attn.qkv(norm.norm_modulate(x_btnd, shift_msa, scale_msa, eps=self.eps))
-        x_btnd, h_btnd = norm.residual_norm_modulate(
-            x_btnd, gate_msa, self.attn.out(mix(q, k, v)), shift_mlp, scale_mlp, eps=self.eps)
-        x_btnd = x_btnd + gate_mlp * self.mlp(h_btnd)
+        with jax.named_scope("attention"):
+            q, k, v = self.attn.qkv(norm.norm_modulate(x_btnd, shift_msa, scale_msa, eps=self.eps))
+            with jax.named_scope("mix"):
+                o = mix(q, k, v)
+            x_btnd, h_btnd = norm.residual_norm_modulate(
+                x_btnd, gate_msa, self.attn.out(o), shift_mlp, scale_mlp, eps=self.eps)
+        with jax.named_scope("mlp"):
+            x_btnd = x_btnd + gate_mlp * self.mlp(h_btnd)
         return x_btnd, (k, v)
 
 
@@ -144,8 +150,10 @@ class Block(nnx.Module):
         self.temporal = SubBlock(cfg, rngs=rngs)
 
     def __call__(self, x_btnd, c_btd, spatial_mix: Mixer, temporal_mix: Mixer, norm: NormImpl):
-        x_btnd, _ = self.spatial(x_btnd, c_btd, spatial_mix, norm)
-        return self.temporal(x_btnd, c_btd, temporal_mix, norm)
+        with jax.named_scope("spatial"):
+            x_btnd, _ = self.spatial(x_btnd, c_btd, spatial_mix, norm)
+        with jax.named_scope("temporal"):
+            return self.temporal(x_btnd, c_btd, temporal_mix, norm)
 
 
 class FinalLayer(nnx.Module):
@@ -175,6 +183,15 @@ def _conv(cfg: ModelConfig, d_in: int, d_out: int, kernel: int, *, rngs: nnx.Rng
         kernel_metadata={"out_sharding": (None, None, "pixel", "pixel"), "eager_sharding": False},
         bias_metadata={"out_sharding": ("pixel",), "eager_sharding": False},
     )
+
+
+def _conv_part(conv: nnx.Conv, start: int, stop: int | None, bias: bool, x_nhwc):
+    """`conv` applied to input channels `start:stop` of its kernel only (with its bias or not):
+    a convolution over a channel concatenation is the sum of such parts."""
+    kernel = conv.kernel[...][:, :, start:stop].astype(x_nhwc.dtype)
+    y = jax.lax.conv_general_dilated(x_nhwc, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + conv.bias[...].astype(y.dtype) if bias else y
 
 
 def _frames_apply(fn, x_bthwc):
@@ -236,8 +253,14 @@ class PixelPath(nnx.Module):
         coarse_bthwc = dit_bthwx[..., :self.out.out_features].astype(jnp.float32)
         mod_bt11f = self.head_modulation(jax.nn.silu(c_btd))[:, :, None, None, :]
         mods = jnp.split(mod_bt11f, 2 * (len(self.head) + 1), axis=-1)
-        h = _frames_apply(self.head_in, jnp.concatenate(
-            [dit_bthwx, feats_bthwf.astype(dtype), cond_bthwc.astype(dtype)], -1))
+        # head_in over [DiT output, stem features, input frame] as two convolutions: the second
+        # sees only the input frame's side, the same in every denoising pass of a frame (the
+        # compiled step computes it once per frame).
+        split = dit_bthwx.shape[-1]
+        h = (_frames_apply(partial(_conv_part, self.head_in, 0, split, True), dit_bthwx)
+             + _frames_apply(partial(_conv_part, self.head_in, split, None, False),
+                             jnp.concatenate([feats_bthwf.astype(dtype),
+                                              cond_bthwc.astype(dtype)], -1)))
         for i, conv in enumerate(self.head):
             h = self._block(conv, h, mods[2 * i], mods[2 * i + 1])
         x = modulate(layer_norm(h, self.eps), mods[-2], mods[-1])
@@ -389,10 +412,19 @@ class DiT(nnx.Module):
         features `[b, t, h, w, F]` (None when it is off)."""
         feats_bthwf = None
         if self.pixel is not None:
-            feats_bthwf = self.pixel.stem_features(cond_bthwc.astype(dtype_of(self.cfg.dtype)))
-        if cond_bthwc is not None:
-            x_bthwc = jnp.concatenate([x_bthwc, cond_bthwc.astype(x_bthwc.dtype)], axis=-1)
-        tokens_btnd = self.x_embedder(self._patchify(x_bthwc))
+            with jax.named_scope("pixel_stem"):
+                feats_bthwf = self.pixel.stem_features(cond_bthwc.astype(dtype_of(self.cfg.dtype)))
+        if cond_bthwc is None:
+            tokens_btnd = self.x_embedder(self._patchify(x_bthwc))
+        else:
+            # The embedding of [frame, input frame] patches as two products, the input frame's
+            # the same in every denoising pass of a frame (computed once per frame when streaming).
+            p, c = self.cfg.patch_size, self.cfg.channels
+            kernel = self.x_embedder.kernel[...].reshape(p * p, -1, self.cfg.hidden_size)
+            flat = lambda k: k.reshape(-1, k.shape[-1]).astype(dtype_of(self.cfg.dtype))  # noqa: E731
+            tokens_btnd = (self._patchify(x_bthwc) @ flat(kernel[:, :c])
+                           + self._patchify(cond_bthwc) @ flat(kernel[:, c:])
+                           + self.x_embedder.bias[...].astype(dtype_of(self.cfg.dtype)))
         if feats_bthwf is not None:
             tokens_btnd = tokens_btnd + self.pixel_embedder(self._patchify(feats_bthwf))
         return tokens_btnd, feats_bthwf
@@ -417,11 +449,17 @@ class DiT(nnx.Module):
 
     def _output(self, x_btnd, c_btd, feats_bthwf, cond_bthwc, norm: NormImpl):
         """The prediction `[b, t, h, w, C]` float32 from the last hidden states."""
-        out_bthwf = self._unpatchify(self.final_layer(x_btnd, c_btd, norm))
+        with jax.named_scope("final_layer"):
+            out_bthwf = self._unpatchify(self.final_layer(x_btnd, c_btd, norm))
         if self.pixel is None:
             pred = out_bthwf.astype(jnp.float32)
         else:
-            pred = self.pixel(out_bthwf, feats_bthwf, cond_bthwc, c_btd)
+            with jax.named_scope("pixel_head"):
+                pred = self.pixel(out_bthwf, feats_bthwf, cond_bthwc, c_btd)
+        with jax.named_scope("color_map"):
+            return self._color_map(pred, c_btd, cond_bthwc)
+
+    def _color_map(self, pred, c_btd, cond_bthwc):
         if self.color_map is not None:
             b, t = c_btd.shape[:2]
             feats_bthwk = color_features(cond_bthwc, self.cfg.color_map)
@@ -509,8 +547,11 @@ class DiT(nnx.Module):
                                             age=ctx.age_s, valid=ctx.valid_bs, angles=angles_we,
                                             interleaved=cfg.rope_interleaved)
 
-        x, feats = self._embed(x_bthwc, cond_bthwc)
-        c = self._condition(time_b[:, None], add_t(step_size_b), prompt_bp, add_t(external_bx))
+        with jax.named_scope("embed"):
+            x, feats = self._embed(x_bthwc, cond_bthwc)
+        with jax.named_scope("condition"):
+            c = self._condition(time_b[:, None], add_t(step_size_b), prompt_bp,
+                                add_t(external_bx))
         x, (k_lbtkne, v_lbtkne) = self._run_blocks(
             x, c, temporal_mix, (ctx.k_lbskne, ctx.v_lbskne), attention, norm)
         pred_bhwc = self._output(x, c, feats, cond_bthwc, norm)[:, 0]

@@ -196,7 +196,8 @@ def reference_sample(cfg: Config, model, rng, cond_bthwc, *, steps: int | None =
     For each new frame and each denoising step, runs `model(...)` over every frame generated so
     far (as history: as the cache holds it, the finished frame at `t_ctx`, or with
     `diffusion.cache_from="last_step"` the frame at its last step's level) plus the new one, and
-    keeps the new frame's prediction. Consumes `rng` exactly as `make_latent_step` does. Returns x0 `[b,t,h,w,c]`.
+    keeps the new frame's prediction. Consumes `rng` exactly as `make_latent_step` does. Returns
+    x0 `[b,t,h,w,c]`.
     """
     process, levels, step_sizes = _schedule(cfg, steps)
     m = cfg.model

@@ -58,8 +58,13 @@ def stream(cfg, model, num_frames, cond, prompt, ext, *, rng, start_frame=0, ste
      "diffusion.input_scale=signal", "model.color_map=curves"),
     (*OASIS_LIKE, "diffusion.input_scale=signal"),
     ("diffusion.frame_noise=fixed", "diffusion.context_noise=noised", "diffusion.ctx_level=0.1"),
+    ("diffusion.prediction=x0", "diffusion.cache_from=last_step", "model.pixel_channels=8",
+     "diffusion.input_scale=signal", "model.color_map=curves"),
+    (*OASIS_LIKE, "diffusion.cache_from=last_step"),
+    ("model.num_heads=2", "model.head_width=24", "model.mlp_ratio=1.5"),
 ], ids=["rf-label", "rf-noised", "ddpm-oasis-like", "rf-x0", "rf-x0-pixel-signal",
-        "ddpm-signal", "rf-fixed-noise"])
+        "ddpm-signal", "rf-fixed-noise", "rf-cache-last-step", "ddpm-cache-last-step",
+        "narrow-heads-mlp"])
 def test_step_equals_reference_sampler(overrides):
     cfg, model, num_frames, cond, prompt, ext = setup(overrides)
     rng = jax.random.PRNGKey(42)

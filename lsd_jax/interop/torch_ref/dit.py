@@ -84,8 +84,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.to_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
-        self.to_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.to_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.attention_width, bias=cfg.qkv_bias)
+        self.to_out = nn.Linear(cfg.attention_width, cfg.hidden_size)
 
     def qkv(self, x):
         """`[..., d]` -> q, k, v each `[..., heads, head_dim]`."""
@@ -96,7 +96,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        hidden = cfg.mlp_width
         self.approximate = "tanh" if cfg.gelu_approximate else "none"
         self.fc1 = nn.Linear(cfg.hidden_size, hidden)
         self.fc2 = nn.Linear(hidden, cfg.hidden_size)
