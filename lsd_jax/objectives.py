@@ -126,10 +126,13 @@ class Targets(NamedTuple):
     level_bt: jax.Array
     step_size_bt: jax.Array
     target_bthwc: jax.Array
+    # The regression target made from a teacher's clip instead of the clean one (None without).
+    teacher_target_bthwc: jax.Array | None = None
 
 
 def training_targets(fn: NetworkFn, target_fn: NetworkFn, x0_bthwc: jax.Array, rng: jax.Array,
-                     cfg: DiffusionConfig, process: Process) -> Targets:
+                     cfg: DiffusionConfig, process: Process,
+                     teacher_bthwc: jax.Array | None = None) -> Targets:
     """Network inputs and targets for clean clips `x0_bthwc`.
 
     - Levels from `cfg.noise_sampler`; step size `process.min_step_size` (flow matching at the
@@ -143,7 +146,8 @@ def training_targets(fn: NetworkFn, target_fn: NetworkFn, x0_bthwc: jax.Array, r
 
     `fn` is the trained network, `target_fn` the online or EMA network for shortcut targets; both
     map `(x_t_bthwc, level_bt, step_size_bt)` -> prediction and must accept a leading slice of
-    the batch (the shortcut clips).
+    the batch (the shortcut clips). With `teacher_bthwc` (a teacher's outputs for the same input
+    clips), `teacher_target_bthwc` is `process.target` of the teacher's frames at the same noise.
     """
     b, t = x0_bthwc.shape[:2]
     k_level, k_eps, k_aug, k_short = jax.random.split(rng, 4)
@@ -177,7 +181,9 @@ def training_targets(fn: NetworkFn, target_fn: NetworkFn, x0_bthwc: jax.Array, r
         short_target_bthwc = shortcut_target(target_fn, x_t_bthwc[:n_short], level_bt[:n_short],
                                              step_bt[:n_short] / 2, process)
         target_bthwc = target_bthwc.at[:n_short].set(short_target_bthwc)
-    return Targets(x_t_bthwc, level_bt, step_bt, target_bthwc)
+    teacher_target_bthwc = (None if teacher_bthwc is None
+                            else process.target(teacher_bthwc, eps_bthwc, level_bt))
+    return Targets(x_t_bthwc, level_bt, step_bt, target_bthwc, teacher_target_bthwc)
 
 
 def apply_model(graphdef: nnx.GraphDef, params: nnx.State, x_bthwc: jax.Array, time_bt: jax.Array,
@@ -203,7 +209,10 @@ def loss_fn(model_apply: Callable, params, batch: dict, rng: jax.Array, cfg: Con
 
     `batch`: `target` [B,T,H,W,C] clean model-space frames; optional `cond` [B,T,H,W,C_cond]
     input frames, `prompt` [B,P] prompt embeddings, `external` [B,T,E] per-frame vectors.
-    `ema_params` are required when `cfg.diffusion.shortcut_target == "ema"`.
+    `ema_params` are required when `cfg.diffusion.shortcut_target == "ema"`. With `teacher`
+    [B,T,H,W,C] (a teacher's streamed outputs) and `distill` [B] (1 where the teacher knows the
+    clip's prompt, else 0), the flow-matching clips also regress to the teacher's frames:
+    `loss += train.distill_weight * mean(distill_b * mse_to_teacher_bt)` (`loss/distill`).
 
     Metrics (scalars): `loss`; `loss/flow_matching` and `loss/shortcut` (means over those clips);
     `loss/level_bucket_{i}`, the flow-matching loss of frames whose level lies in the i-th quarter
@@ -234,7 +243,7 @@ def loss_fn(model_apply: Callable, params, batch: dict, rng: jax.Array, cfg: Con
 
     target_params = ema_params if dcfg.shortcut_target == "ema" else params
     targets = training_targets(network(params), network(target_params), x0_bthwc, rng, dcfg,
-                               process)
+                               process, teacher_bthwc=batch.get("teacher"))
     pred_bthwc = network(params)(targets.x_t_bthwc, targets.level_bt, targets.step_size_bt)
     mse_bt = jnp.mean(jnp.square(pred_bthwc.astype(jnp.float32) - targets.target_bthwc),
                       axis=(-3, -2, -1))
@@ -243,6 +252,15 @@ def loss_fn(model_apply: Callable, params, batch: dict, rng: jax.Array, cfg: Con
     n_short = num_shortcut_clips(x0_bthwc.shape[0], dcfg)
     fm_mse_bt, fm_level_bt = mse_bt[n_short:], targets.level_bt[n_short:]
     metrics = {"loss": loss, "loss/flow_matching": jnp.mean(fm_mse_bt)}
+    if targets.teacher_target_bthwc is not None:
+        teacher_mse_bt = jnp.mean(jnp.square(
+            pred_bthwc[n_short:].astype(jnp.float32) - targets.teacher_target_bthwc[n_short:]),
+            axis=(-3, -2, -1))
+        weight_b = batch["distill"][n_short:].astype(jnp.float32)
+        distill = jnp.sum(weight_b[:, None] * teacher_mse_bt) / (
+            jnp.maximum(jnp.sum(weight_b), 1.0) * teacher_mse_bt.shape[1])
+        loss = loss + cfg.train.distill_weight * distill
+        metrics["loss"], metrics["loss/distill"] = loss, distill
     if n_short:
         metrics["loss/shortcut"] = jnp.mean(mse_bt[:n_short])
     bucket_bt = jnp.clip(jnp.floor(N_LEVEL_BUCKETS * fm_level_bt / process.max_level), 0,

@@ -474,3 +474,43 @@ def test_loss_fn_ddpm():
     bad = dataclasses.replace(bad, model=_config().model)
     with pytest.raises(ValueError, match="rectified_flow"):
         obj.loss_fn(standin_apply, standin_init(), _batch(39), key(40), bad, DDPM)
+
+
+def test_loss_fn_distillation():
+    """With a teacher clip, the flow-matching clips also regress onto `process.target` of the
+    teacher's frames at the same noise, weighted per clip by `distill` and by
+    `train.distill_weight`; clips the teacher does not know (`distill` 0) add nothing."""
+    base = _config(shortcut_fraction=0.5, history_aug=NO_AUG)
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, distill_weight=0.5))
+    params, rng = standin_init(6), key(41)
+    batch = _batch(42)
+    teacher = _frames(45)
+    distill = jnp.asarray([1.0, 1.0, 1.0, 0.0][:B])
+    with_teacher = {**batch, "teacher": teacher, "distill": distill}
+    value, metrics = jax.jit(lambda p: obj.loss_fn(standin_apply, p, with_teacher, rng, cfg,
+                                                   RF))(params)
+    plain, plain_metrics = jax.jit(lambda p: obj.loss_fn(standin_apply, p, batch, rng, cfg,
+                                                         RF))(params)
+    fn = standin_fn(params, RF, batch["cond"], batch["prompt"])
+    tg = jax.jit(lambda: obj.training_targets(fn, fn, batch["target"], rng, cfg.diffusion, RF,
+                                              teacher_bthwc=teacher))()
+    pred = standin_apply(params, tg.x_t_bthwc, RF.model_time(tg.level_bt),
+                         step_size_bt=tg.step_size_bt, cond_bthwc=batch["cond"],
+                         prompt_bp=batch["prompt"])
+    n_short = obj.num_shortcut_clips(B, cfg.diffusion)
+    teacher_mse_bt = np.asarray(jnp.mean((pred - tg.teacher_target_bthwc) ** 2,
+                                         axis=(-3, -2, -1)))[n_short:]
+    weights = np.asarray(distill)[n_short:]
+    expected = (weights[:, None] * teacher_mse_bt).sum() / (weights.sum() * T)
+    assert expected > 1e-3
+    np.testing.assert_allclose(metrics["loss/distill"], expected, rtol=1e-5)
+    np.testing.assert_allclose(value, float(plain) + 0.5 * expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/flow_matching"], plain_metrics["loss/flow_matching"],
+                               rtol=1e-6)
+    # The same noise: the two targets differ by what the clean frames differ by.
+    zeros = jnp.zeros_like(teacher)
+    np.testing.assert_allclose(
+        np.asarray(tg.teacher_target_bthwc - tg.target_bthwc)[n_short:],
+        np.asarray(RF.target(teacher, zeros, tg.level_bt) - RF.target(batch["target"], zeros,
+                                                                       tg.level_bt))[n_short:],
+        rtol=1e-5, atol=1e-6)

@@ -144,6 +144,8 @@ def model_batch(cfg: Config, batch: dict) -> dict:
         return np.asarray(clips, np.float32)
 
     out = {"target": to_model(batch["target"])}
+    if cfg.train.distill_from:  # the teacher knows the built-in tasks (ids >= 0), not others
+        out["distill"] = (np.asarray(batch["task"]) >= 0).astype(np.float32)
     if cfg.model.cond_channels:
         out["cond"] = to_model(batch["cond"])
     if cfg.model.prompt_dim:
@@ -166,6 +168,9 @@ def abstract_batch(cfg: Config) -> dict:
         out["prompt"] = jax.ShapeDtypeStruct((b, m.prompt_dim), jnp.float32)
     if m.external_cond_dim:
         out["external"] = jax.ShapeDtypeStruct((b, t, m.external_cond_dim), jnp.float32)
+    if cfg.train.distill_from:
+        out["teacher"] = out["target"]
+        out["distill"] = jax.ShapeDtypeStruct((b,), jnp.float32)
     return out
 
 
@@ -257,6 +262,44 @@ def global_batch(sharded: ShardedStep, local: dict) -> dict:
 def batch_crc(batch: dict) -> int:
     """A fingerprint of a host batch's clips, to check the data order of resumed runs."""
     return zlib.crc32(batch["target"].tobytes(), zlib.crc32(batch["cond"].tobytes()))
+
+
+def make_teacher(cfg: Config, mesh: jax.sharding.Mesh, log=lambda msg: None):
+    """`teacher(batch) -> teacher_bthwc`: the model `train.distill_from` names streams every clip
+    of a global batch from an empty cache, frame by frame through its own jitted streaming step
+    (its own steps, noise and cache choices: what `lsd stream` would output), in model space.
+    Its frames and prompt encoder must be this config's, else a `ConfigError` naming both."""
+    from lsd_jax.prompt import check_encoder_record, encoder_record
+    from lsd_jax.resolve import resolve_model
+    from lsd_jax.streaming import init_stream, make_latent_step
+
+    spec = cfg.train.distill_from
+    resolved = resolve_model(None if spec == "demo" else spec)
+    tcfg, m, tm = resolved.cfg, cfg.model, resolved.cfg.model
+    if (tcfg.codec, tm.frame_shape, tm.cond_channels) != (cfg.codec, m.frame_shape,
+                                                          m.cond_channels):
+        raise ConfigError(f"train.distill_from={spec!r} streams {tcfg.codec} frames "
+                          f"{tm.frame_shape} with {tm.cond_channels} input channels; this config "
+                          f"has {cfg.codec} {m.frame_shape} with {m.cond_channels}")
+    check_encoder_record(encoder_record(tcfg), cfg, f"train.distill_from={spec!r}")
+    graphdef, params = nnx.split(resolved.model)
+    step = make_latent_step(tcfg, graphdef)
+    clip = cfg.codec == "pixel"  # what a viewer sees of a pixel model: its frames in range
+
+    def stream(params, cond_bthwc, prompt_bp):
+        def body(state, cond_bhwc):
+            state, x0_bhwc = step(params, state, cond_bhwc, prompt_bp)
+            return state, jnp.clip(x0_bhwc, -1.0, 1.0) if clip else x0_bhwc
+
+        state = init_stream(tcfg, cond_bthwc.shape[0], tcfg.seed)
+        _, x0_tbhwc = jax.lax.scan(body, state, jnp.swapaxes(cond_bthwc, 0, 1))
+        return jnp.swapaxes(x0_tbhwc, 0, 1)
+
+    batch_sh = sharding.batch_sharding(mesh)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    jitted = jax.jit(stream, out_shardings=batch_sh)
+    log(f"distilling from {resolved.describe} (train.distill_weight={cfg.train.distill_weight})")
+    return lambda batch: jitted(params, batch["cond"], batch.get("prompt"))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -506,6 +549,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
         raise CheckpointError(f"{str(workdir)!r} already holds checkpoints (steps "
                               f"{manager.all_steps()}); pass --resume to continue, or use a new "
                               "work directory")
+    teacher = make_teacher(cfg, mesh, log) if cfg.train.distill_from else None
     sharded = build_step(cfg, mesh)
     compiled, report = compile_step(cfg, sharded)
     log(f"mesh {dict(mesh.shape)} over {mesh.size} devices; step compiled in "
@@ -537,7 +581,10 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
         while step < t.steps and stop.received is None:
             local = next(data_iter)
             crcs.append(batch_crc(local))
-            state, step_metrics = compiled(state, global_batch(sharded, model_batch(cfg, local)))
+            batch = global_batch(sharded, model_batch(cfg, local))
+            if teacher is not None:
+                batch["teacher"] = teacher(batch)
+            state, step_metrics = compiled(state, batch)
             step, steps_since_log = step + 1, steps_since_log + 1
             if step % t.log_every == 0 or step == t.steps:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
