@@ -68,6 +68,66 @@ def cost_analysis_flops(compiled) -> float | None:
     return None if not cost else float(cost.get("flops", 0.0))
 
 
+class _StepRig:
+    """A randomly initialised model of `cfg`, its jitted streaming step compiled ahead of time for
+    `batch` streams, and a pool of random uint8 frames: what `bench_step` and `profile_step`
+    time."""
+
+    def __init__(self, cfg: Config, *, steps: int, batch: int, frames: int,
+                 prompt: str = "a watercolor painting"):
+        from flax import nnx
+
+        from lsd_jax.codec import make_codec
+        from lsd_jax.model import DiT, randomize
+        from lsd_jax.prompt import make_prompt_encoder
+        from lsd_jax.streaming import init_stream, make_step
+
+        self.codec = make_codec(cfg)
+        # Random weights everywhere: the adaLN-Zero init would make every block the identity.
+        model = randomize(DiT(cfg.model, rngs=nnx.Rngs(cfg.seed)), seed=cfg.seed)
+        graphdef, self.params = nnx.split(model)
+        self.state = init_stream(cfg, batch, cfg.seed)
+        step = make_step(cfg, graphdef, steps=steps)
+        rng = np.random.default_rng(cfg.seed)
+        # A small pool of distinct random frames, cycled: enough to defeat any caching.
+        self.pool_bhwc = rng.integers(0, 256, (min(frames, 16), batch, *self.codec.frame_shape),
+                                      dtype=np.uint8)
+        encoder = make_prompt_encoder(cfg)
+        self.prompt_bp = (None if encoder is None
+                          else jnp.asarray(encoder.encode_batch([prompt] * batch)))
+        self.external_bx = None
+        if cfg.model.external_cond_dim:
+            self.external_bx = jnp.asarray(
+                rng.standard_normal((batch, cfg.model.external_cond_dim)), jnp.float32)
+        t0 = time.perf_counter()
+        self.compiled = step.lower(self.params, self.state, self.pool_bhwc[0], self.prompt_bp,
+                                   self.external_bx).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.calls = 0
+
+    def run(self):
+        """One step, blocked on: the next frame of the pool for every stream."""
+        self.state, out_bhwc = self.compiled(self.params, self.state,
+                                             self.pool_bhwc[self.calls % len(self.pool_bhwc)],
+                                             self.prompt_bp, self.external_bx)
+        jax.block_until_ready((self.state, out_bhwc))
+        self.calls += 1
+
+
+def profile_step(cfg: Config, *, steps: int | None = None, frames: int = 50, batch: int = 1,
+                 warmup: int = 10) -> dict:
+    """Where the streaming step of `cfg` spends its time (`lsd_jax.profile`), as a JSON-ready
+    dict: milliseconds per step by component, the step's wall time, and the setting."""
+    from lsd_jax.profile import profile_compiled
+
+    steps = cfg.diffusion.sample_steps if steps is None else steps
+    rig = _StepRig(cfg, steps=steps, batch=batch, frames=frames)
+    result = profile_compiled(rig.compiled, rig.run, frames=frames, warmup=warmup)
+    return {"config": cfg.name, "steps": steps, "batch": batch, **result,
+            "device": f"{jax.devices()[0].platform}", "cpu_count": os.cpu_count(),
+            "jax_version": jax.__version__}
+
+
 def bench_step(cfg: Config, *, steps: int | None = None, frames: int = 200, batch: int = 1,
                warmup: int = 10, prompt: str = "a watercolor painting",
                peak_sizes=(512, 1024, 2048), show_progress: bool = True) -> dict:
@@ -75,43 +135,15 @@ def bench_step(cfg: Config, *, steps: int | None = None, frames: int = 200, batc
 
     Latencies are of one step call, which makes one frame for each of the `batch` streams.
     """
-    from flax import nnx
-
-    from lsd_jax.codec import make_codec
-    from lsd_jax.model import DiT, randomize
-    from lsd_jax.prompt import make_prompt_encoder
-    from lsd_jax.streaming import init_stream, make_step
-
     if frames < 1 or batch < 1 or warmup < 0:
         raise ValueError(f"frames={frames}, batch={batch}, warmup={warmup}: expected frames >= 1, "
                          "batch >= 1, warmup >= 0")
     steps = cfg.diffusion.sample_steps if steps is None else steps
-    codec = make_codec(cfg)
-    # Random weights everywhere: the adaLN-Zero init would make every block the identity.
-    model = randomize(DiT(cfg.model, rngs=nnx.Rngs(cfg.seed)), seed=cfg.seed)
-    graphdef, params = nnx.split(model)
-    state = init_stream(cfg, batch, cfg.seed)
-    step = make_step(cfg, graphdef, steps=steps)
+    rig = _StepRig(cfg, steps=steps, batch=batch, frames=frames, prompt=prompt)
+    compiled, compile_s, codec = rig.compiled, rig.compile_s, rig.codec
 
-    rng = np.random.default_rng(cfg.seed)
-    # A small pool of distinct random frames, cycled: enough to defeat any caching, small in memory.
-    pool_bhwc = rng.integers(0, 256, (min(frames, 16), batch, *codec.frame_shape), dtype=np.uint8)
-    encoder = make_prompt_encoder(cfg)
-    prompt_bp = None if encoder is None else jnp.asarray(encoder.encode_batch([prompt] * batch))
-    external_bx = None
-    if cfg.model.external_cond_dim:
-        external_bx = jnp.asarray(rng.standard_normal((batch, cfg.model.external_cond_dim)),
-                                  jnp.float32)
-
-    t0 = time.perf_counter()
-    compiled = step.lower(params, state, pool_bhwc[0], prompt_bp, external_bx).compile()
-    compile_s = time.perf_counter() - t0
-
-    def run(i):
-        nonlocal state
-        state, out_bhwc = compiled(params, state, pool_bhwc[i % len(pool_bhwc)], prompt_bp,
-                                   external_bx)
-        jax.block_until_ready((state, out_bhwc))
+    def run(_):
+        rig.run()
 
     for i in range(warmup):
         run(i)
@@ -162,3 +194,82 @@ def bench_step(cfg: Config, *, steps: int | None = None, frames: int = 200, batc
         "percent_of_peak": 100.0 * achieved_gflops / peak.gflops,
     }
 
+
+
+def bench_cache(cfg: Config, *, steps_list=(3, 10), frames: int = 30, warmup: int = 3) -> dict:
+    """The cached streaming step against recomputing the window (`lsd bench cache`).
+
+    Per frame in model space (no codec), batch 1, random weights, with a full window of history:
+    the cached step (`make_latent_step`: `steps` passes of the new frame reading the ring-buffer
+    cache, plus the cache-write pass unless `diffusion.cache_from="last_step"`) against what a
+    model without a cache does (Oasis's own sampler, `interop.oasis.sample_recompute`): `steps`
+    full banded forwards over the last `window` frames (history labelled `t_ctx`, then the new
+    frame). Both jitted, blocking on every frame; medians. Returns per step count the two p50s
+    and their ratio, which ideally is `steps * window / passes`.
+    """
+    from flax import nnx
+
+    from lsd_jax.diffusion import initial_noise, make_process
+    from lsd_jax.model import DiT, randomize
+    from lsd_jax.streaming import init_stream, make_latent_step
+
+    m = cfg.model
+    model = randomize(DiT(m, rngs=nnx.Rngs(cfg.seed)), seed=cfg.seed)
+    graphdef, params = nnx.split(model)
+    process = make_process(cfg.diffusion)
+    rng = np.random.default_rng(cfg.seed)
+    w = m.window
+
+    def array(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    cond_bthwc = array(1, w, m.frame_height, m.frame_width, m.cond_channels) if (
+        m.cond_channels) else None
+    prompt_bp = array(1, m.prompt_dim) if m.prompt_dim else None
+    external_btx = array(1, w, m.external_cond_dim) if m.external_cond_dim else None
+    history_bthwc = array(1, w - 1, *m.frame_shape)
+
+    def at_last(a):
+        return None if a is None else a[:, -1]
+
+    def timed(fn, *args):
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(frames):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times))
+
+    out = {"config": cfg.name, "window": w, "cache_from": cfg.diffusion.cache_from,
+           "device": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "steps": {}}
+    for steps in steps_list:
+        levels, step_sizes = process.sampling_schedule(steps)
+        step = jax.jit(make_latent_step(cfg, graphdef, steps=steps))
+        state = init_stream(cfg, 1, cfg.seed)._replace(num_valid=jnp.full((1,), w - 1, jnp.int32))
+        cached_ms = timed(step, params, state, at_last(cond_bthwc), prompt_bp,
+                          at_last(external_btx))
+
+        @jax.jit
+        def recompute(params, history, key):
+            model = nnx.merge(graphdef, params)
+            x = initial_noise(key, (1, *m.frame_shape))
+            ctx = [process.model_time(cfg.diffusion.ctx_level)] * (w - 1)
+            for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
+                level_bt = jnp.asarray([[cfg.diffusion.ctx_level] * (w - 1) + [t]], jnp.float32)
+                clip = process.network_input(jnp.concatenate([history, x[:, None]], 1), level_bt)
+                time_bt = jnp.asarray([[*ctx, process.model_time(t)]], jnp.float32)
+                step_bt = jnp.asarray([[process.min_step_size] * (w - 1) + [d]], jnp.float32)
+                pred = model(clip, time_bt, cond_bthwc=cond_bthwc, prompt_bp=prompt_bp,
+                             step_size_bt=step_bt if m.use_step_size else None,
+                             external_btx=external_btx)[:, -1]
+                x = process.denoise_step(x, pred, t, t_next)
+            return x
+
+        recompute_ms = timed(recompute, params, history_bthwc, jax.random.PRNGKey(0))
+        passes = steps + (0 if cfg.diffusion.cache_from == "last_step" else 1)
+        out["steps"][str(steps)] = {"cached_ms_p50": cached_ms, "recompute_ms_p50": recompute_ms,
+                                    "speedup": recompute_ms / cached_ms,
+                                    "ideal_speedup": steps * w / passes}
+    return out

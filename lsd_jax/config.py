@@ -307,6 +307,9 @@ class DataConfig:
     encoder learns the task, not one sentence. "latents": clips already encoded by a codec
     (`lsd data encode`, `train/latents.py`) in `latent_dir`, read without running the codec;
     `codec_dir`, when set, names the codec weights the dataset must have been encoded with.
+    "pairs": the user's own input/target video pairs listed in the JSON-lines manifest `pairs`
+    (`train/pairs.py`); with another source, `pairs_fraction` of the clips come from `pairs`
+    instead (a model learns new prompts from pairs while keeping the built-in tasks).
     """
 
     source: str = "procedural"
@@ -321,9 +324,22 @@ class DataConfig:
     prompt_phrasings: bool = False
     latent_dir: str = ""
     codec_dir: str = ""
+    pairs: str = ""
+    pairs_fraction: float = 0.0
 
     def __post_init__(self):
-        _check_choice("data.source", self.source, ("procedural", "video_folder", "latents"))
+        _check_choice("data.source", self.source, ("procedural", "video_folder", "latents",
+                                                   "pairs"))
+        if self.source == "pairs" and not self.pairs:
+            raise ConfigError("data.source='pairs' needs data.pairs=MANIFEST (a JSON-lines file "
+                              "of input/target/prompt pairs)")
+        if not 0.0 <= self.pairs_fraction < 1.0:
+            raise ConfigError(f"data.pairs_fraction={self.pairs_fraction}, expected 0 <= "
+                              "fraction < 1")
+        if self.pairs_fraction and (not self.pairs or self.source in ("pairs", "latents")):
+            raise ConfigError(f"data.pairs_fraction={self.pairs_fraction} mixes data.pairs into "
+                              f"a procedural or video_folder source: data.source="
+                              f"{self.source!r}, data.pairs={self.pairs!r}")
         _check_positive("data.fps", self.fps)
         if self.clip_frames < 2:
             raise ConfigError(f"data.clip_frames={self.clip_frames}, expected >= 2 frames")
@@ -490,39 +506,56 @@ def _parse_value(key: str, text: str, typ: Any) -> Any:
     return _parse_scalar(key, text, typ)
 
 
+def _changed(cfg: Any, items: list[tuple[str, str, str]]) -> Any:
+    """`cfg` with every `(full key, key below cfg, text)` applied at once: one
+    `dataclasses.replace` per section, so checks across a section's fields see all of its new
+    values together (`data.source=pairs data.pairs=FILE` in either order)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes, nested = {}, {}
+    for full, key, text in items:
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            raise ConfigError(f"unknown config key {full!r}: {type(cfg).__name__} has no field "
+                              f"{head!r} (fields: {', '.join(fields)})")
+        current = getattr(cfg, head)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise ConfigError(f"unknown config key {full!r}: {head!r} is a value, not a "
+                                  "section")
+            nested.setdefault(head, []).append((full, rest, text))
+        elif dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {full!r} is a section; set one of its fields "
+                              f"({', '.join(f.name for f in dataclasses.fields(current))})")
+        else:
+            changes[head] = (full, _parse_value(full, text, hints[head]))
+    for head, sub in nested.items():
+        changes[head] = (sub[-1][0], _changed(getattr(cfg, head), sub))
+    try:
+        return dataclasses.replace(cfg, **{k: v for k, (_, v) in changes.items()})
+    except ConfigError as err:
+        msg = str(err)
+        keys = [full for full, _ in changes.values()]
+        if any(k in msg for k in keys) or not keys:
+            raise
+        raise ConfigError(f"{keys[-1]}: {msg}") from None
+
+
 def override(cfg: Any, key: str, text: str) -> Any:
     """Return `cfg` with the field at dotted `key` set to `text` parsed with the field's type."""
-    head, _, rest = key.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    if head not in fields:
-        raise ConfigError(f"unknown config key {key!r}: {type(cfg).__name__} has no field {head!r} "
-                          f"(fields: {', '.join(fields)})")
-    hints = typing.get_type_hints(type(cfg))
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"unknown config key {key!r}: {head!r} is a value, not a section")
-        new = override(current, rest, text)
-    else:
-        if dataclasses.is_dataclass(current):
-            raise ConfigError(f"config key {key!r} is a section; set one of its fields "
-                              f"({', '.join(f.name for f in dataclasses.fields(current))})")
-        new = _parse_value(key, text, hints[head])
-    return dataclasses.replace(cfg, **{head: new})
+    return _changed(cfg, [(key, key, text)])
 
 
 def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
-    """Apply `key.path=value` strings in order; the key path is reported in full on error."""
+    """Apply `key.path=value` strings (a later one of the same key wins), each section's together;
+    the key path is reported in full on error."""
+    items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, text = item.split("=", 1)
-        try:
-            cfg = override(cfg, key.strip(), text)
-        except ConfigError as err:
-            msg = str(err)
-            raise ConfigError(msg if key.strip() in msg else f"{key.strip()}: {msg}") from None
-    return cfg
+        items.append((key.strip(), key.strip(), text))
+    return _changed(cfg, items) if items else cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

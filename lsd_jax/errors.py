@@ -53,5 +53,10 @@ class VideoWriteError(OSError):
     """A video file that cannot be opened for writing; the message names the path."""
 
 
+class WriteError(OSError):
+    """A file the user keeps could not be written (a full disk, no permission); nothing was
+    replaced (`lsd_jax.atomic`). The message names the path and the reason."""
+
+
 USER_ERRORS = (ConfigError, CheckpointError, FrameError, PromptError, CodecUnavailableError,
-               FileNotFoundError, VideoWriteError)
+               FileNotFoundError, VideoWriteError, WriteError)

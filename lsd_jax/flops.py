@@ -9,8 +9,9 @@ usual for model-FLOPs figures. Per frame and per pass, with `N` tokens per frame
 - patch embed `2 N (p^2 C_in) D`; final layer `2 N D (p^2 C)` + adaLN `2 D 2D`;
 - conditioning vector: noise-level MLP `2 (F D + D D)`, step-size MLP (same), external `2 E D`,
   prompt `2 P D` (once per clip: the prompt is per stream, not per frame);
-- per block, spatial and temporal sub-block each: adaLN `2 D 6D`, qkv `2 N D 3D`, out `2 N D D`,
-  MLP `2 N D M * 2`; attention scores + weighted sum `4 N N D` (spatial) or `4 N K D` (temporal);
+- per block, spatial and temporal sub-block each: adaLN `2 D 6D`, qkv `2 N D 3A`, out `2 N A D`,
+  MLP `2 N D M * 2`; attention scores + weighted sum `4 N N A` (spatial) or `4 N K A`
+  (temporal), `A` the attention width (`num_heads * head_dim`, `D` unless heads were pruned);
 - the pixel path (`model.pixel_channels = F > 0`, `P = H W` pixels, `L = pixel_depth`), whose
   convolutions are matmuls too: stem `2 P 9 C_cond F + (L-1) 2 P 9 F F`, its patch embed
   `2 N p^2 F D`, head `2 P 9 (2F + C_cond + C) F + L 2 P 9 F F + 2 P F C` + modulation
@@ -19,11 +20,16 @@ usual for model-FLOPs figures. Per frame and per pass, with `N` tokens per frame
   `2 P C K` (making the features, a few elementwise operations per pixel, is not counted).
 
 One streaming pass is one frame with `K = window` (the `window - 1` cached frames plus itself).
-A streamed frame costs `steps` denoising passes plus one pass that writes its K/V to the cache;
-that pass's prediction is unused, so it has no final layer (nor pixel head), and the prompt
-projection and the pixel stem with its patch embed, the same in every pass, are computed once (XLA
-removes the dead final layer and hoists the others out of the denoising loop, so the compiled step
-does exactly this much matmul work).
+A streamed frame costs `steps` denoising passes plus one pass that writes its K/V to the cache
+(`diffusion.cache_from="context"`; with "last_step" the last denoising pass's K/V are cached and
+there is no such pass); that pass's prediction is unused, so it has no final layer (nor pixel
+head). What depends on the input frame alone is computed once per frame: the prompt projection,
+the pixel stem with its patch embed, the input frame's half of the patch embed, and the stem
+features' and input frame's half of the pixel head's first convolution (XLA removes the dead
+final layer and hoists the others out of the denoising loop, so the compiled step does exactly
+this much matmul work). The temporal attention of a streamed pass (one query per token over `K`
+keys: `4 N K A`) runs as elementwise products and sums on XLA, not as matmuls, and is left out of
+the streamed count.
 
 `hlo_matmul_flops` counts the dot and convolution FLOPs of a compiled program's HLO text, running
 each while loop body its known trip count. XLA's own `cost_analysis()` counts a loop body once,
@@ -85,17 +91,29 @@ def frame_pass_flops(cfg: ModelConfig) -> int:
 
 
 def streamed_frame_flops(cfg: Config, steps: int | None = None) -> int:
-    """One streamed frame: `steps` denoising passes (default the config's) + one cache-write pass.
+    """One streamed frame: `steps` denoising passes (default the config's) + one cache-write pass
+    (none with `diffusion.cache_from="last_step"`).
 
-    The cache-write pass has no final layer nor pixel head, and the prompt projection, the pixel
-    stem and its patch embed are counted once (see the module docstring).
+    The cache-write pass has no final layer nor pixel head; what depends on the input frame alone
+    (the prompt projection, the pixel stem and its patch embed, the input frame's half of the patch
+    embed and of the pixel head's first convolution) is counted once (see the module docstring).
     """
+    m = cfg.model
     steps = cfg.diffusion.sample_steps if steps is None else steps
-    parts = dit_flops(cfg.model, frames=1, keys_per_frame=cfg.model.window)
-    once = parts["prompt"] + parts.get("pixel_stem", 0) + parts.get("pixel_embed", 0)
-    per_pass = parts["total"] - once
+    parts = dit_flops(m, frames=1, keys_per_frame=m.window)
+    once = (parts["prompt"] + parts.get("pixel_stem", 0) + parts.get("pixel_embed", 0)
+            + 2 * m.tokens_per_frame * m.patch_size ** 2 * m.cond_channels * m.hidden_size)
+    if m.pixel_channels:
+        f = m.pixel_channels
+        once += 2 * m.frame_height * m.frame_width * 9 * (f + m.cond_channels) * f
+    # The streaming step's attention over the cache (one query per token) is products and sums,
+    # not matmuls: elementwise work, left out like the rest (`attention.XLA.temporal_cache`).
+    per_pass = parts["total"] - once - parts["temporal_attention"]
     output = parts["final_layer"] + parts.get("pixel_head", 0) + parts.get("color_map", 0)
-    return steps * per_pass + (per_pass - output) + once
+    if m.pixel_channels:
+        output -= 2 * m.frame_height * m.frame_width * 9 * (f + m.cond_channels) * f
+    cache_pass = 0 if cfg.diffusion.cache_from == "last_step" else per_pass - output
+    return steps * per_pass + cache_pass + once
 
 
 # ----------------------------------------------------------------------------- compiled HLO

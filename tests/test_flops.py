@@ -60,6 +60,8 @@ def test_forward_matmul_flops_match_analytic(repo_root, name, overrides):
 @pytest.mark.parametrize("steps,overrides", [
     (1, ()), (3, ()), (3, ("model.pixel_channels=8", "model.pixel_depth=2")),
     (3, ("model.color_map=quadratic",)),
+    (3, ("model.pixel_channels=8", "model.color_map=curves", "diffusion.cache_from=last_step")),
+    (3, ("model.num_heads=2", "model.head_width=16", "model.mlp_ratio=1.5")),
 ])
 def test_streaming_step_matmul_flops_match_analytic(tiny_cfg, steps, overrides):
     """Also checks that the compiler computes the pixel stem once per frame (hoisted out of the
@@ -94,10 +96,18 @@ def test_streamed_frame_is_steps_passes_plus_cache_write(tiny_cfg):
     parts = dit_flops(tiny_cfg.model, frames=1, keys_per_frame=tiny_cfg.model.window)
     per_pass = frame_pass_flops(tiny_cfg.model)
     assert per_pass == parts["total"]
-    # k denoising passes, one cache-write pass without the final layer, the prompt once.
+    # k denoising passes, one cache-write pass without the final layer; the prompt and the input
+    # frame's half of the patch embed once.
+    m = tiny_cfg.model
+    once = parts["prompt"] + 2 * m.tokens_per_frame * m.patch_size ** 2 * m.cond_channels * (
+        m.hidden_size)
+    per_pass -= parts["temporal_attention"]  # elementwise on the cache, not matmuls
+    last_step = apply_overrides(tiny_cfg, ["diffusion.cache_from=last_step"])
     for steps in (1, 3, 12):
         assert streamed_frame_flops(tiny_cfg, steps) == (
-            (steps + 1) * per_pass - parts["final_layer"] - steps * parts["prompt"])
+            (steps + 1) * per_pass - parts["final_layer"] - steps * once)
+        # Caching the last denoising pass: no cache-write pass.
+        assert streamed_frame_flops(last_step, steps) == steps * per_pass - (steps - 1) * once
     assert streamed_frame_flops(tiny_cfg) == streamed_frame_flops(tiny_cfg, 3)
 
 

@@ -286,6 +286,32 @@ class PairedClips:
         return item
 
 
+def make_pairs_source(cfg: Config):
+    """The training pairs of the manifest `data.pairs` at the model's frame size."""
+    from train.pairs import PairsClips
+
+    d, m = cfg.data, cfg.model
+    return PairsClips(d.pairs, clip_frames=d.clip_frames, height=m.frame_height,
+                      width=m.frame_width, fps=d.fps, seed=d.shuffle_seed,
+                      encoder=make_prompt_encoder(cfg))
+
+
+class MixedClips:
+    """Item `i` from `pairs` with probability `fraction` (drawn from `rng((seed, 13, i))`), else
+    from `base` (index taken modulo a finite base's length): a pure function of `i`, endless."""
+
+    def __init__(self, base, pairs, fraction: float, seed: int):
+        self.base, self.pairs, self.fraction, self.seed = base, pairs, fraction, seed
+
+    def __len__(self) -> int:
+        return ENDLESS
+
+    def __getitem__(self, index: int):
+        if np.random.default_rng((self.seed, 13, int(index))).random() < self.fraction:
+            return self.pairs[index]
+        return self.base[index % len(self.base)]
+
+
 def make_source(cfg: Config, split: str = "train"):
     """The clip source `cfg.data` describes, at the model's frame size."""
     d, m = cfg.data, cfg.model
@@ -323,9 +349,16 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
 
         source = LatentClips(cfg)  # already paired and encoded
         items = grain.MapDataset.source(source)
+    elif cfg.data.source == "pairs":
+        source = make_pairs_source(cfg)
+        items = grain.MapDataset.source(source)
     else:
         source = make_source(cfg, split)
-        items = grain.MapDataset.source(PairedClips(source, cfg, cfg.data.shuffle_seed))
+        paired = PairedClips(source, cfg, cfg.data.shuffle_seed)
+        if cfg.data.pairs_fraction:
+            paired = MixedClips(paired, make_pairs_source(cfg), cfg.data.pairs_fraction,
+                                cfg.data.shuffle_seed)
+        items = grain.MapDataset.source(paired)
     if len(source) != ENDLESS:
         items = items.shuffle(seed=cfg.data.shuffle_seed).repeat(None)
     local = grain.MapDataset.range(sys.maxsize // batch).map(

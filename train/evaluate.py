@@ -429,3 +429,86 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
             "same_input": frames % period == 0, "min": float(psnr.min()),
             "seconds": seconds, "ms_per_frame": 1000 * seconds / timed, "psnr": psnr,
             "frames_kept": kept}
+
+
+# ----------------------------------------------------------------------------- the user's pairs
+
+
+def evaluate_pairs(model: EvalModel, manifest: str, *, steps_list=(3,), frames: int = 24,
+                   split: str | None = None, progress: bool = True) -> dict:
+    """Per prompt of a pairs manifest (`train/pairs.py`; only pairs of `split` when given): PSNR,
+    SSIM, flicker and flicker ratio of the model streaming each pair's input (its first `frames`
+    frames at the model's frame size) against its target, with the same floors as `lsd eval`:
+    copy the input, and the best per-pixel colour map (affine or quadratic, least squares on the
+    evaluated pairs of that prompt themselves: the best any colour map could do there). The
+    result has `evaluate_quality`'s layout (tasks keyed by prompt), so the same report reads it.
+    """
+    from train.baselines import BASELINES, COLOR_MAPS, apply_color_map, fit_color_map, floor_of
+    from train.pairs import check_pair, read_frames, read_manifest
+
+    pairs = [p for p in read_manifest(manifest) if split is None or p.split == split]
+    if not pairs:
+        raise ConfigError(f"pairs manifest {manifest!r} holds no {split} pairs")
+    m = model.pixel_cfg.model
+    length = min(frames, *(check_pair(p) for p in pairs))
+    if length < 2:
+        raise ConfigError(f"pairs of {manifest!r} have {length} frames, expected >= 2")
+    cond = np.stack([read_frames(p.input, m.frame_height, m.frame_width)[:length] for p in pairs])
+    target = np.stack([read_frames(p.target, m.frame_height, m.frame_width)[:length]
+                       for p in pairs])
+    prompts = sorted({p.prompt for p in pairs}, key=[p.prompt for p in pairs].index)
+    prompt_bp = None
+    if model.cfg.model.prompt_dim:
+        from lsd_jax.prompt import make_prompt_encoder
+
+        encoder = make_prompt_encoder(model.cfg)
+        prompt_bp = np.stack([np.asarray(encoder.encode(p.prompt), np.float32) for p in pairs])
+    rows = {prompt: [i for i, p in enumerate(pairs) if p.prompt == prompt] for prompt in prompts}
+    results = {prompt: {"prompt": prompt, "pairs": len(rows[prompt]), "steps": {}}
+               for prompt in prompts}
+    t0 = time.perf_counter()
+    with progress_bar(f"eval {model.label} on pairs", len(steps_list) * length,
+                      enabled=progress) as tracker:
+        for k in steps_list:
+            out = stream_batch(model, cond, prompt_bp, steps=k, on_frame=tracker.advance)
+            if k == min(steps_list, key=lambda s: abs(s - 3)):
+                sample_out = out
+            for prompt in prompts:
+                per_pair = [clip_metrics(out[r], target[r]) for r in rows[prompt]]
+                metrics = {key: float(np.mean([c[key] for c in per_pair])) for key in per_pair[0]}
+                metrics["flicker_ratio"] = metrics["change"] / max(metrics["target_change"], 1e-6)
+                results[prompt]["steps"][k] = metrics
+    for prompt in prompts:
+        c, t = cond[rows[prompt]], target[rows[prompt]]
+        outs = {"copy_input": c}
+        outs.update({kind: apply_color_map(fit_color_map(c, t, kind), c, kind)
+                     for kind in COLOR_MAPS})
+        base = {kind: float(np.mean([clip_psnr(outs[kind][i], t[i]) for i in range(len(c))]))
+                for kind in BASELINES}
+        results[prompt].update(baselines=base, floor=floor_of(base))
+        for k in steps_list:
+            step = results[prompt]["steps"][k]
+            step["margin"] = step["psnr"] - results[prompt]["floor"]
+            step["meets_floor"] = bool(step["margin"] >= 0)
+    summary = {k: {
+        "per_frame_psnr": float(np.mean([r["steps"][k]["psnr"] for r in results.values()])),
+        "temporal_psnr": math.nan,
+        "mean_ssim": float(np.mean([r["steps"][k]["ssim"] for r in results.values()])),
+        "mean_flicker": float(np.mean([r["steps"][k]["flicker"] for r in results.values()])),
+        "max_flicker_ratio": max(r["steps"][k]["flicker_ratio"] for r in results.values()),
+        "tasks_meeting_floor": sum(r["steps"][k]["meets_floor"] for r in results.values()),
+    } for k in steps_list}
+    baseline_summary = {
+        "per_frame_psnr": {kind: float(np.mean([r["baselines"][kind] for r in results.values()]))
+                           for kind in BASELINES},
+        "per_frame_best_psnr": float(np.mean([max(r["baselines"].values())
+                                              for r in results.values()])),
+    }
+    sample_k = min(steps_list, key=lambda k: abs(k - 3))
+    first = [rows[p][0] for p in prompts]
+    return {"model": model.label, "spec": model.spec, "config": model.cfg.name,
+            "clips": len(pairs), "frames": length, "seed": 0, "split": "pairs",
+            "manifest": str(manifest), "steps_list": list(steps_list), "sample_steps": sample_k,
+            "seconds": time.perf_counter() - t0, "tasks": results, "summary": summary,
+            "baseline_summary": baseline_summary,
+            "samples": {"cond": cond[first], "out": sample_out[first], "target": target[first]}}

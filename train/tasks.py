@@ -185,6 +185,20 @@ def select_tasks(spec: str) -> tuple[Task, ...]:
     return tuple(task_named(n) for n in names)
 
 
+def config_prompts(cfg) -> tuple[str, ...]:
+    """Every prompt `lsd train` gives a model of `cfg`: the built-in tasks' (`trained_prompts`)
+    unless it trains on pairs alone, then those of its pairs manifest's training pairs."""
+    from train.pairs import manifest_prompts
+
+    d = cfg.data
+    if cfg.model.prompt_dim == 0:
+        return ()
+    builtin = () if d.source == "pairs" else trained_prompts(cfg.model.prompt_dim, d.tasks,
+                                                             d.prompt_phrasings)
+    pairs = manifest_prompts(d.pairs) if d.pairs else ()
+    return builtin + tuple(p for p in pairs if p not in builtin)
+
+
 def trained_prompts(prompt_dim: int, tasks: str, phrasings: bool = False) -> tuple[str, ...]:
     """The prompts `lsd train` gives a model with `model.prompt_dim`, `data.tasks` and
     `data.prompt_phrasings` (those of the tasks it selects, with their other phrasings when it

@@ -481,8 +481,7 @@ def export_model(workdir: Path, cfg: Config, ema: dict) -> Path:
             shutil.rmtree(path)
     _sync("export-clean")
     save_model(tmp, cfg, model_from_params(cfg.model, ema),
-               trained_prompts=tasks.trained_prompts(cfg.model.prompt_dim, cfg.data.tasks,
-                                                     cfg.data.prompt_phrasings))
+               trained_prompts=tasks.config_prompts(cfg))
     if cfg.codec != "pixel" and cfg.data.codec_dir and jax.process_index() == 0:
         # The codec goes with the model, so stream / eval / export decode through it.
         for name in ("vae.json", "vae"):
