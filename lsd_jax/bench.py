@@ -12,6 +12,7 @@ float32 matmul rate measured in the same run, since a shared machine's peak is n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 import time
@@ -242,6 +243,21 @@ def bench_cache(cfg: Config, *, steps_list=(3, 10), frames: int = 30, warmup: in
             times.append(time.perf_counter() - t0)
         return 1e3 * float(np.median(times))
 
+    def recompute(params, history, key, levels, step_sizes):
+        model = nnx.merge(graphdef, params)
+        x = initial_noise(key, (1, *m.frame_shape))
+        ctx = [process.model_time(cfg.diffusion.ctx_level)] * (w - 1)
+        for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
+            level_bt = jnp.asarray([[cfg.diffusion.ctx_level] * (w - 1) + [t]], jnp.float32)
+            clip = process.network_input(jnp.concatenate([history, x[:, None]], 1), level_bt)
+            time_bt = jnp.asarray([[*ctx, process.model_time(t)]], jnp.float32)
+            step_bt = jnp.asarray([[process.min_step_size] * (w - 1) + [d]], jnp.float32)
+            pred = model(clip, time_bt, cond_bthwc=cond_bthwc, prompt_bp=prompt_bp,
+                         step_size_bt=step_bt if m.use_step_size else None,
+                         external_btx=external_btx)[:, -1]
+            x = process.denoise_step(x, pred, t, t_next)
+        return x
+
     out = {"config": cfg.name, "window": w, "cache_from": cfg.diffusion.cache_from,
            "device": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "steps": {}}
     for steps in steps_list:
@@ -251,23 +267,9 @@ def bench_cache(cfg: Config, *, steps_list=(3, 10), frames: int = 30, warmup: in
         cached_ms = timed(step, params, state, at_last(cond_bthwc), prompt_bp,
                           at_last(external_btx))
 
-        @jax.jit
-        def recompute(params, history, key):
-            model = nnx.merge(graphdef, params)
-            x = initial_noise(key, (1, *m.frame_shape))
-            ctx = [process.model_time(cfg.diffusion.ctx_level)] * (w - 1)
-            for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
-                level_bt = jnp.asarray([[cfg.diffusion.ctx_level] * (w - 1) + [t]], jnp.float32)
-                clip = process.network_input(jnp.concatenate([history, x[:, None]], 1), level_bt)
-                time_bt = jnp.asarray([[*ctx, process.model_time(t)]], jnp.float32)
-                step_bt = jnp.asarray([[process.min_step_size] * (w - 1) + [d]], jnp.float32)
-                pred = model(clip, time_bt, cond_bthwc=cond_bthwc, prompt_bp=prompt_bp,
-                             step_size_bt=step_bt if m.use_step_size else None,
-                             external_btx=external_btx)[:, -1]
-                x = process.denoise_step(x, pred, t, t_next)
-            return x
-
-        recompute_ms = timed(recompute, params, history_bthwc, jax.random.PRNGKey(0))
+        recompute_ms = timed(jax.jit(functools.partial(
+            recompute, levels=tuple(map(float, levels)), step_sizes=tuple(map(float, step_sizes)))),
+            params, history_bthwc, jax.random.PRNGKey(0))
         passes = steps + (0 if cfg.diffusion.cache_from == "last_step" else 1)
         out["steps"][str(steps)] = {"cached_ms_p50": cached_ms, "recompute_ms_p50": recompute_ms,
                                     "speedup": recompute_ms / cached_ms,
