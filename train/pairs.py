@@ -104,11 +104,31 @@ def frame_rate(path: Path) -> float | None:
     return fps if fps > 0 else None
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def read_frames(path: Path, height: int | None = None, width: int | None = None) -> np.ndarray:
     """uint8 RGB `[T, H, W, 3]` of a video file or a frame folder, resized and centre-cropped to
-    `height x width` when given. A `DataError` names a file that cannot be read."""
+    `height x width` when given (kept in memory: clips at a model's frame size are small). A
+    `DataError` names a file that cannot be read."""
+    if height is None:
+        return _decode(path)
+    return np.stack([resize_and_crop(f, height, width) for f in _decode(path)])
+
+
+@functools.lru_cache(maxsize=4096)
+def frame_count(path: Path) -> int:
+    if path.is_dir():
+        return len(_decode(path, count_only=True))
+    return len(_decode(path))
+
+
+def _decode(path: Path, count_only: bool = False):
     frames = []
+    if path.is_dir() and count_only:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"frame folder {str(path)!r} holds no images (expected files ending "
+                            f"in {', '.join(IMAGE_EXTENSIONS)})")
+        return files
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
@@ -131,9 +151,7 @@ def read_frames(path: Path, height: int | None = None, width: int | None = None)
             cap.release()
         if not frames:
             raise DataError(f"video {str(path)!r} cannot be decoded (no frame read)")
-    if height is not None:
-        frames = [resize_and_crop(f, height, width) for f in frames]
-    elif len({f.shape for f in frames}) > 1:
+    if len({f.shape for f in frames}) > 1:
         raise DataError(f"{str(path)!r}: its frames differ in size")
     return np.stack(frames)
 
@@ -141,8 +159,7 @@ def read_frames(path: Path, height: int | None = None, width: int | None = None)
 def check_pair(pair: Pair) -> int:
     """The pair's frame count; a `DataError` naming the pair when input and target disagree in
     frame count or frame rate."""
-    n_in = len(read_frames(pair.input))
-    n_out = len(read_frames(pair.target))
+    n_in, n_out = frame_count(pair.input), frame_count(pair.target)
     where = f"pair on line {pair.line} ({pair.input.name} -> {pair.target.name})"
     if n_in != n_out:
         raise DataError(f"{where}: the input has {n_in} frames, the target {n_out}; they must "
@@ -327,7 +344,7 @@ def make_pairs(input_dir: str | Path, out_dir: str | Path, teachers: list[Teache
     (out_dir / "targets").mkdir(parents=True, exist_ok=True)
     lines, done, total = [], 0, len(inputs) * len(teachers)
     for i, source in enumerate(inputs):
-        clip = read_frames(source)
+        clip = _decode(source)
         input_path = source
         scale = max_side / max(clip.shape[1:3])
         if scale < 1:
