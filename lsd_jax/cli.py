@@ -1,12 +1,13 @@
 """The `lsd` command.
 
-    lsd info --config configs/tiny.py [key.path=value ...] [--json]
-    lsd bench step --config configs/tiny.py [--steps 3] [--frames 200] [--batch 1] [--json]
+    lsd info --config lsd_configs/tiny.py [key.path=value ...] [--json]
+    lsd bench step --config lsd_configs/tiny.py [--steps 3] [--frames 200] [--batch 1] [--json]
 
 Every command that takes `--config` also takes trailing `key.path=value` overrides of any config
-field (`lsd info --config configs/tiny.py model.depth=2`). `--config` is a file path, or the name of
-a config shipped in the `configs` package (`--config tiny`). A bad config, frame, prompt or file
-prints one line, `lsd: error: ...`, to stderr and exits 2, as argparse does for bad arguments.
+field (`lsd info --config lsd_configs/tiny.py model.depth=2`). `--config` is a file path, or the
+name of a config shipped in the `lsd_configs` package (`--config tiny`). A bad config, frame,
+prompt or file prints one line, `lsd: error: ...`, to stderr and exits 2, as argparse does for bad
+arguments.
 
 Adding a command: write `_run_NAME(args) -> int`, and register it in `build_parser` with
 `_add_command` (which adds `--config` and the overrides), plus its own arguments. Commands that
@@ -28,9 +29,9 @@ from lsd_jax.args import config_from_args, int_in, int_list, step_count
 from lsd_jax.config import Config
 from lsd_jax.errors import USER_ERRORS
 from lsd_jax.interop import parity_cli
-from serve import cli as serve_cli
-from train import cli as train_cli
-from train import latents
+from lsd_serve import cli as serve_cli
+from lsd_train import cli as train_cli
+from lsd_train import latents
 
 # The modules whose `register(commands, add_command, bench)` adds their commands.
 COMMAND_MODULES = (parity_cli, train_cli, serve_cli, latents)
@@ -152,7 +153,7 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 
 
 def _run_bench_kernels(args: argparse.Namespace) -> int:
-    from pallas_kernels.bench import bench_kernels
+    from lsd_kernels.bench import bench_kernels
 
     cfg = config_from_args(args)
     result = bench_kernels(cfg, frames=args.frames, repeats=args.repeats, tpu=not args.no_tpu,
@@ -194,7 +195,7 @@ def _add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int]
     """A subcommand taking `--config` and trailing `key.path=value` overrides."""
     parser = subparsers.add_parser(name, help=help, description=help)
     parser.add_argument("--config", required=True,
-                        help="config file (configs/tiny.py) or packaged config name (tiny)")
+                        help="config file (lsd_configs/tiny.py) or packaged config name (tiny)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override a config field, e.g. model.depth=2")
     parser.set_defaults(run=run)

@@ -158,7 +158,7 @@ def make_codec(cfg: Config, checkpoint=None) -> PixelCodec | VAECodec:
         raise CodecUnavailableError(
             "codec 'oasis_vae' (the Oasis ViT-VAE: 360x640 frames -> 16x18x32 latents) needs the "
             "converted vit-l-20 weights: a checkpoint written by `lsd convert oasis`, or use a "
-            "pixel-space config such as configs/tiny.py")
+            "pixel-space config such as lsd_configs/tiny.py")
     raise CodecUnavailableError(f"codec {cfg.codec!r} is not one of 'pixel', 'oasis_vae'")
 
 

@@ -247,8 +247,8 @@ def cosine_similarity(a_d: np.ndarray, b_d: np.ndarray) -> float:
 
 # A prompt whose cosine similarity with a trained prompt reaches this is read as a phrasing of it
 # (a paraphrase); below, as far from everything the model was trained on. Under MiniLM the
-# held-out paraphrases of `train/tasks.py` score 0.61-0.93 with their nearest trained prompt, and
-# that prompt is always their own task's; unrelated prompts ("a cat wearing sunglasses", "a bowl
+# held-out paraphrases of `lsd_train/tasks.py` score 0.61-0.93 with their nearest trained prompt,
+# and that prompt is always their own task's; unrelated prompts ("a cat wearing sunglasses", "a bowl
 # of soup", "a photo of a dog") 0.21-0.48.
 NEAR_SIMILARITY = 0.6
 

@@ -1,8 +1,8 @@
 """`lsd` commands for the PyTorch reference, weight conversion and Oasis (registered by `cli`).
 
     lsd convert oasis --dit oasis500m.safetensors --vae vit-l-20.safetensors --out DIR
-    lsd parity --config configs/tiny.py [--torch-checkpoint PATH] [--json]
-    lsd bench parity-speed --config configs/tiny.py --json
+    lsd parity --config lsd_configs/tiny.py [--torch-checkpoint PATH] [--json]
+    lsd bench parity-speed --config lsd_configs/tiny.py --json
     lsd oasis --checkpoint DIR --start frame.png [--actions actions.npy] [--frames 32]
               [--mode recompute|banded-cache] --out video.mp4
 

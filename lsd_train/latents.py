@@ -1,0 +1,258 @@
+"""Latent datasets: training clips encoded once by a codec, read by grain without the codec.
+
+    lsd data encode --config lsd_configs/lsd_base.py --codec-dir DIR --out LATENTS --clips 4096
+    lsd train --config lsd_configs/lsd_base.py --workdir runs/base data.source=latents \
+        data.latent_dir=LATENTS data.codec_dir=DIR
+
+`encode_dataset` draws paired clips from the pixel pipeline (`lsd_train/data.py`: the procedural or
+video-folder source and the tasks) at the codec's frame size, encodes input and target frames with
+`codec.encode` (jitted, a batch of clips at a time) and writes them to ArrayRecord shards, one
+record per clip (`npz` bytes: `target`, `cond` float32 latents `[t, gh, gw, c]`, `prompt` when the
+config has one). `LATENTS/latents.json` records the codec's identity (`codec_identity`: its name,
+shapes and the sha256 of its weights), the prompt encoder's record, the clip length and the
+shards. Training reads the records through `grain.ArrayRecordDataSource` (`LatentClips`) and
+never runs the VAE; a dataset made by another codec (name, latent shape, or, when
+`data.codec_dir` is given, weights), another prompt encoder or another clip length is refused with
+an error naming both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lsd_jax.config import Config, to_dict
+from lsd_jax.errors import ConfigError
+
+FORMAT, VERSION = "lsd-latents", 1
+CLIPS_PER_SHARD = 256
+
+
+def codec_identity(codec) -> dict:
+    """`{"name", "frame_shape", "latent_shape", "sha256"}`; the hash covers every weight of a
+    learned codec (`"none"` for the pixel codec, which has none)."""
+    digest = "none"
+    if hasattr(codec, "vae"):
+        from flax import nnx
+
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves(nnx.state(codec.vae, nnx.Param)):
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        digest = h.hexdigest()
+    return {"name": codec.name, "frame_shape": list(codec.frame_shape),
+            "latent_shape": list(codec.latent_shape), "sha256": digest}
+
+
+def pixel_twin(cfg: Config, frame_hw: tuple[int, int]) -> Config:
+    """The pixel-space config whose data pipeline makes the clips a latent config encodes."""
+    import dataclasses
+
+    model = dataclasses.replace(cfg.model, frame_height=frame_hw[0], frame_width=frame_hw[1],
+                                channels=3, cond_channels=3, patch_size=1)
+    return dataclasses.replace(cfg, model=model, codec="pixel",
+                               data=dataclasses.replace(cfg.data, source=cfg.data.source
+                                                        if cfg.data.source != "latents"
+                                                        else "procedural"))
+
+
+def _record(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def encode_dataset(cfg: Config, codec, out: str | Path, *, clips: int, split: str = "train",
+                   batch: int = 8, progress=lambda done, total: None) -> dict:
+    """Encode `clips` paired clips of `split` with `codec` into ArrayRecord shards under `out`;
+    returns the metadata written to `out/latents.json`."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from lsd_jax.prompt import encoder_record
+    from lsd_train.data import PairedClips, make_source
+
+    out = Path(out)
+    if (out / "latents.json").exists():
+        raise ConfigError(f"{str(out)!r} already holds a latent dataset (latents.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    twin = pixel_twin(cfg, codec.frame_shape[:2])
+    source = PairedClips(make_source(twin, split), twin, cfg.data.shuffle_seed)
+    encode = jax.jit(codec.encode)
+    shards, written, index = [], 0, 0
+    writer = None
+    while written < clips:
+        items = []
+        while len(items) < min(batch, clips - written):
+            item = source[index]
+            index += 1
+            if item is not None:
+                items.append(item)
+        target = np.asarray(encode(np.stack([it["target"] for it in items])), np.float32)
+        cond = np.asarray(encode(np.stack([it["cond"] for it in items])), np.float32)
+        for i, item in enumerate(items):
+            if written % CLIPS_PER_SHARD == 0:
+                if writer is not None:
+                    writer.close()
+                shards.append(f"clips-{len(shards):05d}.array_record")
+                writer = ArrayRecordWriter(str(out / shards[-1]), "group_size:1")
+            record = {"target": target[i], "cond": cond[i]}
+            if "prompt" in item:
+                record["prompt"] = np.asarray(item["prompt"], np.float32)
+            writer.write(_record(record))
+            written += 1
+        progress(written, clips)
+    writer.close()
+    meta = {"format": FORMAT, "version": VERSION, "codec": codec_identity(codec),
+            "prompt_encoder": encoder_record(cfg), "clip_frames": cfg.data.clip_frames,
+            "clips": written, "split": split, "shards": shards,
+            "data": to_dict(cfg.data)}
+    (out / "latents.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_meta(directory: str | Path) -> dict:
+    if not str(directory):
+        raise ConfigError("data.source='latents' needs data.latent_dir=DIR (a dataset written by "
+                          "`lsd data encode`)")
+    path = Path(directory) / "latents.json"
+    if not path.is_file():
+        raise ConfigError(f"data.latent_dir={str(directory)!r} holds no latent dataset (no "
+                          "latents.json; write one with `lsd data encode`)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ConfigError(f"{str(path)!r} has format {meta.get('format')!r} version "
+                          f"{meta.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def check_dataset(meta: dict, cfg: Config, codec=None) -> None:
+    """Refuse a dataset `cfg` cannot train on: another codec (name, latent shape, weights when
+    `codec` is given), another prompt encoder, another clip length."""
+    from lsd_jax.prompt import encoder_record
+
+    where = f"data.latent_dir={cfg.data.latent_dir!r}"
+    made_by = meta["codec"]
+    if made_by["name"] != cfg.codec:
+        raise ConfigError(f"{where} was encoded by codec {made_by['name']!r}; the config's codec "
+                          f"is {cfg.codec!r}")
+    if tuple(made_by["latent_shape"]) != tuple(cfg.model.frame_shape):
+        raise ConfigError(f"{where} holds latents of shape {tuple(made_by['latent_shape'])}; the "
+                          f"model takes {tuple(cfg.model.frame_shape)}")
+    if codec is not None and codec_identity(codec)["sha256"] != made_by["sha256"]:
+        raise ConfigError(f"{where} was encoded by codec weights sha256 "
+                          f"{made_by['sha256'][:16]}...; data.codec_dir={cfg.data.codec_dir!r} "
+                          f"holds {codec_identity(codec)['sha256'][:16]}...: another codec")
+    if meta["prompt_encoder"] != encoder_record(cfg):
+        raise ConfigError(f"{where} holds prompts encoded by {meta['prompt_encoder']}; the "
+                          f"config encodes with {encoder_record(cfg)}")
+    if meta["clip_frames"] != cfg.data.clip_frames:
+        raise ConfigError(f"{where} holds clips of {meta['clip_frames']} frames; "
+                          f"data.clip_frames={cfg.data.clip_frames}")
+
+
+class LatentClips:
+    """A grain random-access source over a latent dataset: item `i` is clip `i`'s dict of
+    float32 arrays (`target`, `cond`, `prompt`)."""
+
+    def __init__(self, cfg: Config):
+        import grain
+
+        directory = Path(cfg.data.latent_dir)
+        self.meta = read_meta(directory)
+        codec = None
+        if cfg.data.codec_dir:
+            from lsd_jax.codec import make_codec
+
+            codec = make_codec(cfg, cfg.data.codec_dir)
+        check_dataset(self.meta, cfg, codec)
+        self._records = grain.sources.ArrayRecordDataSource(
+            [str(directory / name) for name in self.meta["shards"]])
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        with np.load(io.BytesIO(self._records[index]), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
+
+def _run_encode(args) -> int:
+    from lsd_jax.args import config_from_args
+    from lsd_jax.codec import make_codec
+
+    cfg = config_from_args(args)
+    codec = make_codec(cfg, args.codec_dir)
+    width = len(str(args.clips))
+
+    def progress(done, total):
+        if done == total or done % max(1, total // 10) < 8:
+            print(f"lsd data encode: {done:>{width}}/{total} clips", flush=True)
+
+    meta = encode_dataset(cfg, codec, args.out, clips=args.clips, split=args.split,
+                          batch=args.batch, progress=progress)
+    size = sum((Path(args.out) / s).stat().st_size for s in meta["shards"])
+    print(f"wrote {meta['clips']} clips of {meta['clip_frames']} frames in "
+          f"{len(meta['shards'])} shard(s) ({size / 2**20:.1f} MiB) to {args.out}; codec "
+          f"{meta['codec']['name']} sha256 {meta['codec']['sha256'][:16]}, latents "
+          f"{'x'.join(map(str, meta['codec']['latent_shape']))}")
+    return 0
+
+
+def _run_random_codec(args) -> int:
+    import dataclasses
+
+    from flax import nnx
+
+    from lsd_jax.vae import OasisVAE, VAEConfig, save_vae
+
+    fields = {f.name: f.type for f in dataclasses.fields(VAEConfig)}
+    values = {}
+    for item in args.fields:
+        name, eq, value = item.partition("=")
+        name = name.removeprefix("vae.")
+        if not eq or name not in fields:
+            raise ConfigError(f"lsd data random-codec {item!r}: expected vae.FIELD=VALUE with "
+                              f"FIELD one of {', '.join(fields)}")
+        try:
+            values[name] = float(value) if fields[name] in (float, "float") else int(value)
+        except ValueError:
+            raise ConfigError(f"lsd data random-codec {item!r}: {value!r} is not a "
+                              "number") from None
+    vae_cfg = VAEConfig(**values)
+    vae = OasisVAE(vae_cfg, rngs=nnx.Rngs(args.seed))
+    save_vae(args.out, vae_cfg, vae)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vae, nnx.Param)))
+    print(f"wrote a randomly initialised oasis_vae codec (seed {args.seed}, {count / 1e6:.1f}M "
+          f"parameters, {vae_cfg.frame_height}x{vae_cfg.frame_width} frames -> "
+          f"{'x'.join(map(str, vae_cfg.grid))}x{vae_cfg.latent_dim} latents) to {args.out}")
+    return 0
+
+
+def register(commands, add_command, bench) -> None:
+    """Add `lsd data encode` and `lsd data random-codec` to the `lsd` command."""
+    from lsd_jax.args import int_in
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION")
+    encode = add_command(data, "encode", _run_encode,
+                         "encode training clips with the config's codec into ArrayRecord shards "
+                         "(a latent dataset: data.source=latents data.latent_dir=OUT)")
+    encode.add_argument("--out", required=True, help="output directory")
+    encode.add_argument("--clips", type=int_in(1), required=True, help="clips to encode")
+    encode.add_argument("--codec-dir", default=None,
+                        help="the codec's weights (a directory with vae.json, for oasis_vae)")
+    encode.add_argument("--split", default="train", choices=("train", "heldout"))
+    encode.add_argument("--batch", type=int_in(1), default=8, help="clips encoded per call")
+    codec = data.add_parser("random-codec", help="write a randomly initialised oasis_vae codec "
+                            "(the vit-l-20 shapes unless overridden): the latent path end to end "
+                            "without the converted Oasis weights")
+    codec.set_defaults(run=_run_random_codec)
+    codec.add_argument("--out", required=True, help="directory to write (vae.json, vae/)")
+    codec.add_argument("--seed", type=int, default=0)
+    codec.add_argument("fields", nargs="*", metavar="vae.FIELD=VALUE",
+                       help="the VAE's shapes, e.g. vae.enc_depth=2")
+
