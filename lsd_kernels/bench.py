@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import numpy as np
 from lsd_jax import kernels, rope
 from lsd_jax.attention import XLA
 from lsd_jax.config import Config
+from lsd_jax.lowering import UNGUARANTEED_CALLS, custom_calls
 from lsd_jax.norm import XLA as NORM_XLA
 
 # H100 SXM, dense bfloat16 tensor cores and HBM3 (NVIDIA's data sheet).
@@ -138,14 +138,12 @@ def _rel_err(got, want) -> float:
 
 
 def _custom_calls(case: Case, args, platform: str, name: str) -> list[str]:
-    from lsd_serve.export import UNGUARANTEED_CALLS
-
     with kernels.lowering_for(platform):
         impl = _impl(case, name)
         exported = jax.export.export(jax.jit(lambda *a: case.call(impl, *a)),
                                      platforms=(platform,), disabled_checks=UNGUARANTEED_CALLS)(
             *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
-    return sorted(set(re.findall(r"custom_call @([^(\s]+)\(", exported.mlir_module())))
+    return sorted(custom_calls(exported))
 
 
 def _tpu_compile(case: Case, args) -> dict:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,14 +56,13 @@ import numpy as np
 from lsd_jax import kernels
 from lsd_jax.config import Config, dtype_of, to_dict
 from lsd_jax.errors import ArtifactError
+from lsd_jax.kernels import PLATFORMS
+from lsd_jax.lowering import UNGUARANTEED_CALLS, custom_calls
 from lsd_jax.stream_state import STATE_FIELDS, StreamState
 
 MAGIC = b"LSDX\r\n\x1a\n"
 FORMAT = "lsd-jax-step"
 VERSION = 1
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-# Custom calls a kernel lowers to that jax.export does not vouch for across versions.
-UNGUARANTEED_CALLS = (jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),)
 _PREFIX = len(MAGIC) + 8 + 32
 
 
@@ -155,7 +153,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
     blobs = {"weights": weights}
     sds = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
     shapes: dict[str, dict] = {}
-    custom_calls: set[str] = set()
+    calls: set[str] = set()
     for batch in batches:
         state = init_stream(cfg, batch, 0)
         args = [[sds(leaf) for leaf in leaves_np], *map(sds, state),
@@ -174,8 +172,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
             with kernels.lowering_for(platforms[0]) if chosen else contextlib.nullcontext():
                 exported = jax.export.export(fn, platforms=tuple(platforms),
                                              disabled_checks=UNGUARANTEED_CALLS)(*args)
-            custom_calls.update(re.findall(r"custom_call @([^(\s]+)\(",
-                                           exported.mlir_module()))
+            calls.update(custom_calls(exported))
             blobs[_variant_name(batch, k)] = bytes(exported.serialize())
     blob_meta, offset = {}, 0
     for name, blob in blobs.items():
@@ -201,7 +198,7 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
         "state_fields": list(STATE_FIELDS),
         "params": params_meta,
         "prompt": prompt_handling(cfg),
-        "kernels": {"selected": chosen, "custom_calls": sorted(custom_calls)},
+        "kernels": {"selected": chosen, "custom_calls": sorted(calls)},
         "blobs": blob_meta,
     }
     header_bytes = json.dumps(header, indent=1).encode()

@@ -189,7 +189,7 @@ def test_train_step_exports_with_kernels(platform):
     """The train step (objective, gradient through the kernels' custom VJPs, AdamW, EMA) lowered
     for one platform, serialized and deserialized, holds the kernels' custom calls, and the
     backward's kernels are among them (more calls than the forward's)."""
-    from lsd_serve.export import UNGUARANTEED_CALLS
+    from lsd_jax.lowering import UNGUARANTEED_CALLS
     from lsd_train.trainer import abstract_batch, init_state, make_train_step
 
     name, target = TARGETS[platform]
