@@ -2,7 +2,8 @@
 frame loop.
 
 - `export`: the `.lsdx` artifact (serialized `jax.export` steps lowered for cpu, cuda and tpu,
-  the weights, a JSON header) and its loader, which needs no model code (`lsd export`).
+  the weights, a JSON header), written by `lsd export`; `artifact`: its loader, which needs no
+  model code.
 - `engine`: one step interface over a checkpoint, an artifact or an untrained model.
 - `stream`: video file / webcam / packaged demo clip -> output video (`lsd stream`).
 - `server`: the aiohttp server, its frame loop and browser page (`lsd serve`, PROTOCOL.md).

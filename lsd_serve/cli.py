@@ -80,25 +80,18 @@ def _run_export(args) -> int:
 
     from lsd_jax.args import config_from_args
     from lsd_jax.resolve import resolve_model
-    from lsd_serve.export import load_artifact, save_artifact
+    from lsd_serve.artifact import load_artifact
+    from lsd_serve.export import export_model
 
     cfg = None if args.checkpoint is not None or args.config is None else config_from_args(args)
     resolved = resolve_model(args.checkpoint, cfg=cfg, seed=args.seed,
                              overrides=() if cfg is not None else tuple(args.overrides))
-    cfg, model, source, untrained = resolved[:4]
+    source, untrained = resolved.describe, resolved.untrained
     if args.checkpoint is None:
         _say(f"lsd export: no --checkpoint, exporting the {source}")
-    from flax import nnx
-
-    from lsd_jax.codec import make_codec
-
-    graphdef, params = nnx.split(model)
-    steps = args.steps or tuple(range(1, cfg.diffusion.sample_steps + 1))
     t0 = time.perf_counter()
-    path = save_artifact(args.out, cfg, graphdef, params, batches=args.batch, steps=steps,
-                         platforms=tuple(args.platforms.split(",")), untrained=untrained,
-                         source=source, trained_prompts=resolved.trained_prompts,
-                         codec=make_codec(cfg, resolved.codec_dir))
+    path = export_model(args.out, resolved, batches=args.batch, steps=args.steps,
+                        platforms=tuple(args.platforms.split(",")))
     export_s = time.perf_counter() - t0
     art = load_artifact(path)  # read back: the file on disk is verified before we say it is good
     result = {"out": str(path), "bytes": os.path.getsize(path), "export_s": export_s,

@@ -140,7 +140,7 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
 
 def artifact_engine(path: str | Path) -> Engine:
     """An engine running an exported `.lsdx` step (no model code involved)."""
-    from lsd_serve.export import load_artifact
+    from lsd_serve.artifact import load_artifact
 
     art = load_artifact(path)
     untrained = bool(art.header["untrained"])

@@ -19,7 +19,8 @@ from lsd_jax.config import load_config
 from lsd_jax.errors import ArtifactError
 from lsd_jax.resolve import untrained_model
 from lsd_jax.streaming import init_stream, make_step
-from lsd_serve.export import MAGIC, load_artifact, save_artifact
+from lsd_serve.artifact import MAGIC, load_artifact
+from lsd_serve.export import save_artifact
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_loads_and_runs_without_model_code(exported):
     frames_bhwc = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     script = f"""
 import sys, numpy as np
-from lsd_serve.export import load_artifact
+from lsd_serve.artifact import load_artifact
 art = load_artifact({str(path)!r})
 state = art.init_state(1, 0)
 raw = bytes.fromhex({frames_bhwc.tobytes().hex()!r})

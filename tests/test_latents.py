@@ -176,7 +176,7 @@ def test_exported_latent_step_takes_the_codec_weights_as_arguments(encoded, tmp_
     from lsd_jax.codec import load_codec
     from lsd_jax.resolve import resolve_model
     from lsd_jax.streaming import init_stream, make_step
-    from lsd_serve.export import load_artifact
+    from lsd_serve.artifact import load_artifact
 
     work = _trained_run(encoded)
     out = tmp_path / "latent.lsdx"

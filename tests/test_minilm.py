@@ -35,7 +35,8 @@ from lsd_jax.prompt import (
     make_prompt_encoder,
     nearest_prompt,
 )
-from lsd_serve.export import Artifact, prompt_handling
+from lsd_serve.artifact import Artifact
+from lsd_serve.export import prompt_handling
 from lsd_train.tasks import TASKS
 
 SMALL_BERT = BertConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,

@@ -169,7 +169,8 @@ def test_streaming_step_exports_with_kernels(platform, tmp_path):
     from flax import nnx
 
     from lsd_jax.model import DiT
-    from lsd_serve.export import load_artifact, save_artifact
+    from lsd_serve.artifact import load_artifact
+    from lsd_serve.export import save_artifact
 
     name, target = TARGETS[platform]
     cfg = _with_kernels(name)
