@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from lsd_jax.errors import PromptError
-from lsd_jax.prompt import PromptEncoder
+from lsd_jax.minilm_files import MINILM_ID, minilm_dir
+from lsd_jax.prompt_encoder import PromptEncoder
 
 MAX_LENGTH = 256
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
@@ -270,8 +271,6 @@ class MiniLMPromptEncoder(PromptEncoder):
 def _load_encoder(directory: str) -> MiniLMPromptEncoder:
     from tokenizers import Tokenizer
 
-    from lsd_jax.minilm_files import MINILM_ID
-
     directory = Path(directory)
     return MiniLMPromptEncoder(load_minilm(directory / "model.safetensors"),
                                Tokenizer.from_file(str(directory / "tokenizer.json")),
@@ -281,6 +280,4 @@ def _load_encoder(directory: str) -> MiniLMPromptEncoder:
 def load_minilm_encoder() -> MiniLMPromptEncoder:
     """The all-MiniLM-L6-v2 prompt encoder from the verified files (`minilm_files.minilm_dir`,
     fetched on first use); one shared instance per directory in a process."""
-    from lsd_jax.minilm_files import minilm_dir
-
     return _load_encoder(str(minilm_dir().resolve()))
