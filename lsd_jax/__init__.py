@@ -12,7 +12,9 @@ A causal video DiT that turns a live stream into a restyled stream, one frame at
 - `prompt`: prompt encoders;
 - `convert`, `torch_ref`, `parity`, `oasis`: Oasis/PyTorch weight conversion, the PyTorch
   reference (torch extra), parity checks, and Oasis as an action-conditioned world model;
-- `flops`: analytic and compiled-HLO FLOP counts; `bench`: the step benchmark; `cli`: `lsd`.
+- `flops`: analytic and compiled-HLO FLOP counts; `bench`: the step benchmark.
+
+The `lsd` command is `lsd_cli`, above this package.
 """
 
 from lsd_jax.config import Config, load_config

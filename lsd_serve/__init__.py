@@ -7,5 +7,5 @@ frame loop.
 - `engine`: one step interface over a checkpoint, an artifact or an untrained model.
 - `stream`: video file / webcam / packaged demo clip -> output video (`lsd stream`).
 - `server`: the aiohttp server, its frame loop and browser page (`lsd serve`, PROTOCOL.md).
-- `bench`: `lsd bench serve` and `lsd bench long-stream`; `cli`: the commands.
+- `bench`: `lsd bench serve` and `lsd bench long-stream` (their commands: `lsd_cli.serve`).
 """

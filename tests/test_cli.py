@@ -1,4 +1,4 @@
-"""The `lsd` command, run in-process through `lsd_jax.cli.main` and once as a real process."""
+"""The `lsd` command, run in-process through `lsd_cli.main.main` and once as a real process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lsd_jax.cli import main
+from lsd_cli.main import main
 from lsd_jax.config import load_config, resolve_config
 from lsd_jax.errors import ConfigError
 from lsd_jax.flops import frame_pass_flops, streamed_frame_flops
@@ -121,7 +121,7 @@ def test_bad_arguments_exit_2(capsys, argv):
 
 def test_oasis_500m_parameter_count_in_a_real_process(repo_root):
     result = subprocess.run(
-        [sys.executable, "-m", "lsd_jax.cli", "info", "--config", "lsd_configs/oasis_500m.py"],
+        [sys.executable, "-m", "lsd_cli", "info", "--config", "lsd_configs/oasis_500m.py"],
         capture_output=True, text=True, cwd=repo_root, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "607,943,792" in result.stdout
@@ -163,8 +163,8 @@ def test_info_rejects_unknown_attention_impl(capsys, repo_root):
 def test_info_describes_a_model_whose_kernel_runs_elsewhere(monkeypatch):
     """`lsd info` on this CPU machine describes a config that selects a GPU-only kernel (nothing
     runs), while selecting that kernel to run here is a one-line error naming the platform."""
+    from lsd_cli.info import describe
     from lsd_jax import kernels
-    from lsd_jax.cli import describe
     from lsd_jax.config import load_config
     from lsd_jax.errors import ConfigError
 

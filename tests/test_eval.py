@@ -120,7 +120,7 @@ def test_model_spec_errors_name_the_spec(tmp_path):
 def test_eval_command_checks_its_kind_and_overrides(capsys):
     """`lsd eval` names a misspelt kind; an override may stand where the kind would (quality) or
     follow it, and reaches the model's config, checked."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     assert main(["eval", "qualty"]) == 2
     assert main(["eval", "diffusion.frame_noise=still"]) == 2
@@ -226,7 +226,7 @@ def test_demo_model_follows_the_prompt(demo):
 
 @pytest.mark.slow
 def test_eval_cli_writes_quality_report(tmp_path, capsys):
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     report = tmp_path / "EVAL.md"
     report.write_text("# Notes kept\n")
@@ -268,7 +268,7 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
 def test_eval_drift_short_stream_does_not_degrade(tmp_path, capsys):
     """The CI version of `lsd eval drift`: 500 frames of a path with period 100; the last period
     (the same input frames as the first) is within 0.5 dB of the first."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     out = tmp_path / "out"
     assert main(["eval", "drift", "--frames", "500", "--period", "100", "--out", str(out),
@@ -302,7 +302,7 @@ def test_drift_stopped_and_resumed_equals_an_uninterrupted_stream(tmp_path):
     np.testing.assert_array_equal(resumed["psnr"], whole["psnr"])
     assert np.isfinite(whole["psnr"]).all() and whole["psnr"].min() > 15
     # the command: `lsd eval drift --resume` picks up the checkpoint in --out, then removes it
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -402,7 +402,7 @@ def test_eval_real_restyles_real_video(demo, tmp_path, capsys):
     sepia output is within reach of the sepia target (40.0 / 39.2 dB measured) and as steady as
     it (flicker ratio 1.02 / 1.01), and the report
     gets its table and both pictures."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     assert main(["eval", "real", "--prompt", "an old sepia photograph", "--prompt",
                  "a rainy day", "--out", str(tmp_path / "out"), "--report",

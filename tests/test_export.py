@@ -159,7 +159,7 @@ def test_edited_header_is_an_error_naming_the_field(exported, tmp_path, capsys, 
                                                     expected):
     """A hand-edited header with its sha256 recomputed: `lsd stream --artifact` exits 2 with one
     `lsd: error:` line naming the field and what was wrong (no KeyError, TypeError, ValueError)."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     _, _, _, path = exported
     bad = tmp_path / "edited.lsdx"
@@ -175,7 +175,7 @@ def test_edited_header_is_an_error_naming_the_field(exported, tmp_path, capsys, 
 def test_lsd_export_command_reports_errors_in_one_line(tmp_path, capsys):
     """`lsd stream --artifact` on a damaged file and `lsd export` to an unknown platform exit 2
     with one `lsd: error:` line."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     bad = tmp_path / "x.lsdx"
     bad.write_bytes(b"garbage")

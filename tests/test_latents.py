@@ -25,7 +25,7 @@ LATENT_DIT = ["codec=oasis_vae", "model.frame_height=4", "model.frame_width=4",
 
 
 def _lsd(*args, cwd=REPO_ROOT, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lsd_jax.cli", *args], cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "lsd_cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

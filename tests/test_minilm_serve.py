@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import CONFIGS
 
-from lsd_jax.cli import main
+from lsd_cli.main import main
+from lsd_cli.serve import _note_untrained_prompts
 from lsd_jax.config import load_config
 from lsd_jax.prompt import HashedPromptEncoder
 from lsd_jax.resolve import untrained_model
-from lsd_serve.cli import _note_untrained_prompts
 from lsd_serve.engine import model_engine
 from lsd_serve.server import BackgroundServer, ServerOptions
 from lsd_train.tasks import TASKS

@@ -65,7 +65,7 @@ def batch_crc(batch):
 
 
 lsd_train.trainer.batch_crc = batch_crc
-from lsd_jax.cli import main
+from lsd_cli.main import main
 
 sys.exit(main(sys.argv[2:]))
 """
@@ -177,7 +177,7 @@ def test_cluster_environments_initialize_with_no_arguments(monkeypatch):
     """Under `srun` with several tasks (or `mpirun`), `lsd train` calls
     `jax.distributed.initialize()` with nothing, or only what the flags name; elsewhere the
     flags are needed, and a count of 1 is one process."""
-    from lsd_train.cli import _distributed_args
+    from lsd_cli.train import _distributed_args
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "JAX_"))]:
         monkeypatch.delenv(key)

@@ -230,7 +230,7 @@ def test_bench_kernels_reports_every_kernel(capsys):
     error against the reference, the custom calls of both lowerings and a roofline."""
     import json
 
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     assert main(["bench", "kernels", "--config", str(CONFIGS / "tiny.py"), "--no-tpu",
                  "--json"]) == 0

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lsd_jax.cli import main
+from lsd_cli.main import main
 from lsd_jax.errors import StreamInputError
 from lsd_serve.stream import demo_clip, parse_prompt_schedule, prompt_at
 

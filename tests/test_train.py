@@ -46,7 +46,7 @@ def _env(cache_dir: Path) -> dict:
 
 
 def _train_cmd(workdir: Path, overrides: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lsd_jax.cli", "train", "--config", "lsd_configs/tiny.py",
+    return [sys.executable, "-m", "lsd_cli", "train", "--config", "lsd_configs/tiny.py",
             "--workdir", str(workdir), "--no-progress", *extra, *overrides]
 
 
@@ -307,7 +307,7 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_keeps_the_saved_config(tmp_
     train.batch_size=4 on the command line) restores step 4 with the saved batch size, moves step 8
     aside, trains to 12 and saves 8 and 12 again; metrics.jsonl holds each step once. Overrides
     that conflict with the saved config are one-line errors naming both values."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     workdir, env = tmp_path / "run", _env(tmp_path / "cache")
     overrides = [*TINY, "train.save_every=4", "train.keep=10", "train.log_every=1",
@@ -350,7 +350,7 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_keeps_the_saved_config(tmp_
 def test_unwritable_workdir_is_one_line(capsys):
     """A work directory that cannot be written (under /sys: even root cannot) is one line naming
     it, exit 2, before any data or compile."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     workdir = "/sys/lsd-test-workdir"
     assert main(["train", "--config", "lsd_configs/tiny.py", "--workdir", workdir, *TINY]) == 2

@@ -1,4 +1,4 @@
-"""The serving commands of `lsd`, registered by `lsd_jax.cli` (COMMAND_MODULES):
+"""The serving commands of `lsd` (`lsd_serve`):
 
     lsd export --checkpoint DIR --out model.lsdx [--platforms cpu,cuda,tpu] [--batch 1,2,4]
                [--steps 1,2,3]
@@ -12,16 +12,25 @@ Every command takes the model from `--artifact FILE` (an exported step), `--chec
 model checkpoint), `--config NAME` (an UNTRAINED model of that config, random weights, with
 `key.path=value` overrides) or, with none of them, the built-in demo model (`lsd_jax/demo.py`),
 and says which. Overrides given with a checkpoint or the demo model change how it runs (its saved
-config: `diffusion.frame_noise=fixed`), not its shapes. Heavy imports stay inside the run functions.
+config: `diffusion.frame_noise=fixed`), not its shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
-from lsd_jax.args import int_in, int_list, step_count, step_counts
+from lsd_cli.args import config_from_args, int_in, int_list, step_count, step_counts
+from lsd_jax.errors import ConfigError
+from lsd_jax.prompt import NEAR_SIMILARITY
+from lsd_serve.artifact import load_artifact
+from lsd_serve.bench import bench_long_stream, bench_serve
+from lsd_serve.engine import load_engine
+from lsd_serve.server import ServerOptions, serve_forever
+from lsd_serve.stream import check_output, parse_prompt_schedule, run_stream
 
 
 def _non_negative_float(text: str) -> float:
@@ -52,10 +61,6 @@ def _add_model_source(parser: argparse.ArgumentParser, *, artifact: bool = True)
 
 
 def _engine(args, max_steps: int | None = None):
-    from lsd_jax.args import config_from_args
-    from lsd_jax.errors import ConfigError
-    from lsd_serve.engine import load_engine
-
     cfg, overrides = None, tuple(args.overrides)
     if getattr(args, "artifact", None) is not None:
         if overrides:
@@ -75,13 +80,8 @@ def _say(text: str) -> None:
 
 
 def _run_export(args) -> int:
-    import os
-    import time
-
-    from lsd_jax.args import config_from_args
-    from lsd_jax.resolve import resolve_model
-    from lsd_serve.artifact import load_artifact
-    from lsd_serve.export import export_model
+    from lsd_jax.resolve import resolve_model  # lazy: Flax and the model, for lsd export only
+    from lsd_serve.export import export_model  # lazy: the model code, for lsd export only
 
     cfg = None if args.checkpoint is not None or args.config is None else config_from_args(args)
     resolved = resolve_model(args.checkpoint, cfg=cfg, seed=args.seed,
@@ -114,8 +114,6 @@ def _note_untrained_prompts(engine, prompts: list[str]) -> None:
     """For each prompt the model was not trained on, name the nearest trained prompt and its
     cosine similarity: as what the prompt is read as when it is near (a paraphrase), as a
     warning when it is far from everything the model was trained on."""
-    from lsd_jax.prompt import NEAR_SIMILARITY
-
     seen = set()
     for prompt in prompts:
         if prompt in seen:
@@ -135,8 +133,6 @@ def _note_untrained_prompts(engine, prompts: list[str]) -> None:
 
 
 def _run_stream(args) -> int:
-    from lsd_serve.stream import check_output, parse_prompt_schedule, run_stream
-
     schedule = parse_prompt_schedule(args.prompt, args.prompt_schedule)
     check_output(args.out, args.input)
     engine = _engine(args, max_steps=args.steps)
@@ -164,8 +160,6 @@ def _run_stream(args) -> int:
 
 
 def _run_serve(args) -> int:
-    from lsd_serve.server import ServerOptions, serve_forever
-
     engine = _engine(args, max_steps=args.steps)
     options = ServerOptions(
         host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allow_origin),
@@ -182,8 +176,6 @@ def _run_serve(args) -> int:
 
 
 def _run_bench_serve(args) -> int:
-    from lsd_serve.bench import bench_serve
-
     engine = _engine(args, max_steps=args.steps)
     result = bench_serve(engine, sessions=args.sessions, frames=args.frames, steps=args.steps,
                          warmup=args.warmup)
@@ -200,8 +192,6 @@ def _run_bench_serve(args) -> int:
 
 
 def _run_bench_long_stream(args) -> int:
-    from lsd_serve.bench import bench_long_stream
-
     engine = _engine(args, max_steps=args.steps)
     result = bench_long_stream(engine, frames=args.frames, steps=args.steps, window=args.window,
                                reps=args.reps, show_progress=not args.json)
@@ -223,9 +213,9 @@ def _run_bench_long_stream(args) -> int:
 # ----------------------------------------------------------------------------- registration
 
 
-def register(commands, add_command, bench) -> None:
-    """Add export, stream, serve and `bench serve` / `bench long-stream` to the `lsd` parser."""
-    del add_command  # these commands take --checkpoint/--artifact, with --config optional
+def register(commands, bench) -> None:
+    """Add export, stream, serve and `bench serve` / `bench long-stream` to the `lsd` parser (these
+    commands take --checkpoint/--artifact, with --config optional)."""
     export = commands.add_parser("export", help="export the streaming step to one .lsdx file",
                                  description="jax.export the jitted streaming step with its "
                                              "weights into one file, lowered for every platform")

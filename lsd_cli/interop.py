@@ -1,114 +1,66 @@
-"""`lsd` commands for the PyTorch reference, weight conversion and Oasis (registered by `cli`).
+"""`lsd` commands for the PyTorch reference, weight conversion and Oasis (`lsd_jax.interop`).
 
     lsd convert oasis --dit oasis500m.safetensors --vae vit-l-20.safetensors --out DIR
-    lsd parity --config lsd_configs/tiny.py [--torch-checkpoint PATH] [--json]
-    lsd bench parity-speed --config lsd_configs/tiny.py --json
+    lsd parity --config tiny [--torch-checkpoint PATH] [--json]
+    lsd bench parity-speed --config tiny --json
     lsd oasis --checkpoint DIR --start frame.png [--actions actions.npy] [--frames 32]
               [--mode recompute|banded-cache] --out video.mp4
 
 `convert oasis` reads the config `--config` (default `oasis_500m`) with trailing overrides;
 overrides `vae.FIELD=value` set the ViT-VAE's shapes (`lsd_jax.vae.VAEConfig`, default
-vit-l-20). Heavy imports (torch, orbax) stay inside the run functions.
+vit-l-20). A command that needs torch (the `torch` extra) says so in one line when it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
 import json
 import sys
+
+from lsd_cli.args import add_command, config_from_args, int_in, step_count
+from lsd_cli.output import print_rows
+from lsd_jax.config import load_config, resolve_config
+from lsd_jax.errors import ConfigError
 
 
 def _require(module: str, command: str) -> None:
     """A one-line error, not a traceback, when the torch extra is not installed."""
-    import importlib.util
-
-    from lsd_jax.errors import ConfigError
-
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"{command} needs {module!r}, which is not installed: "
                           "pip install -e '.[torch]'")
 
 
-def _print_rows(rows):
-    width = max(len(label) for label, _ in rows)
-    for label, text in rows:
-        print(f"{label:<{width}}  {text}")
+def _parity(command: str):
+    """`lsd_jax.interop.parity`, or the one-line error `_require` gives without torch."""
+    _require("torch", command)
+    from lsd_jax.interop import parity  # lazy: torch, the optional torch extra
+
+    return parity
 
 
 # ----------------------------------------------------------------------------- lsd convert oasis
 
 
-def vae_config(overrides):
-    """A `VAEConfig` from `vae.FIELD=value` overrides, all set at once (so the order of e.g.
-    `vae.frame_height` and `vae.patch_size` does not matter)."""
-    from lsd_jax.errors import ConfigError
-    from lsd_jax.vae import VAEConfig
-
-    defaults = dataclasses.asdict(VAEConfig())
-    values = {}
-    for item in overrides:
-        key, _, text = item.partition("=")
-        name = key[len("vae."):]
-        if name not in defaults:
-            raise ConfigError(f"unknown config key {key!r}: VAEConfig has no field {name!r} "
-                              f"(fields: {', '.join(defaults)})")
-        kind = type(defaults[name])
-        try:
-            values[name] = kind(text)
-        except ValueError:
-            raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from None
-    return VAEConfig(**values)
-
-
 def _run_convert_oasis(args: argparse.Namespace) -> int:
-    import jax
-    from flax import nnx
-
-    from lsd_jax.checkpoint import save_model
-    from lsd_jax.config import load_config, resolve_config
-    from lsd_jax.errors import ConfigError
-    from lsd_jax.interop.convert import (
-        IGNORED_SUFFIX,
-        dit_from_torch,
-        load_state_dict,
-        vae_from_params,
-        vae_from_torch,
-    )
-    from lsd_jax.model import count_params, model_from_params
-    from lsd_jax.vae import save_vae
-
     _require("safetensors", "lsd convert oasis")
+    from lsd_jax.interop.convert import convert_oasis  # lazy: Flax, orbax, for this command only
+
     cfg = load_config(resolve_config(args.config),
                       [o for o in args.overrides if not o.startswith("vae.")])
-    if cfg.codec != "oasis_vae":
-        raise ConfigError(f"config {cfg.name!r} has codec {cfg.codec!r}, expected 'oasis_vae'")
-    vae_cfg = vae_config([o for o in args.overrides if o.startswith("vae.")])
-    if (*vae_cfg.grid, vae_cfg.latent_dim) != cfg.model.frame_shape:
-        raise ConfigError(f"the VAE makes {vae_cfg.grid[0]}x{vae_cfg.grid[1]}x"
-                          f"{vae_cfg.latent_dim} latents, the DiT takes "
-                          f"{'x'.join(map(str, cfg.model.frame_shape))} frames")
-    dit_sd = load_state_dict(args.dit)
-    model = model_from_params(cfg.model, dit_from_torch(cfg.model, dit_sd, str(args.dit)))
-    vae_sd = load_state_dict(args.vae)
-    vae = vae_from_params(vae_cfg, vae_from_torch(vae_cfg, vae_sd, str(args.vae)))
-    out = save_model(args.out, cfg, model)
-    save_vae(out, vae_cfg, vae)
-    total, trainable = count_params(model)
-    ignored = sum(k.endswith(IGNORED_SUFFIX) for k in dit_sd)
-    vae_params = sum(x.size for x in jax.tree.leaves(nnx.state(vae, nnx.Param)))
-    summary = {"out": str(out), "config": cfg.name, "dit_keys": len(dit_sd) - ignored,
-               "dit_rotary_entries_ignored": ignored, "dit_params_total": total,
-               "dit_params_trainable": trainable, "vae_keys": len(vae_sd),
-               "vae_params": vae_params, "vae_config": dataclasses.asdict(vae_cfg)}
+    summary = convert_oasis(cfg, [o for o in args.overrides if o.startswith("vae.")], args.dit,
+                            args.vae, args.out)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    _print_rows([
-        ("wrote", f"{out} (config.json, params/, vae.json, vae/)"),
-        ("DiT", f"{summary['dit_keys']} tensors from {args.dit} ({ignored} rotary entries "
-                f"ignored), {total:,} parameters ({trainable:,} trained)"),
-        ("VAE", f"{len(vae_sd)} tensors from {args.vae}, {vae_params:,} parameters"),
+    print_rows([
+        ("wrote", f"{summary['out']} (config.json, params/, vae.json, vae/)"),
+        ("DiT", f"{summary['dit_keys']} tensors from {args.dit} "
+                f"({summary['dit_rotary_entries_ignored']} rotary entries ignored), "
+                f"{summary['dit_params_total']:,} parameters "
+                f"({summary['dit_params_trainable']:,} trained)"),
+        ("VAE", f"{summary['vae_keys']} tensors from {args.vae}, {summary['vae_params']:,} "
+                "parameters"),
     ])
     return 0
 
@@ -117,13 +69,10 @@ def _run_convert_oasis(args: argparse.Namespace) -> int:
 
 
 def _run_parity(args: argparse.Namespace) -> int:
-    from lsd_jax.args import config_from_args
-    from lsd_jax.interop.parity import build_pair, run_parity
-
-    _require("torch", "lsd parity")
+    parity = _parity("lsd parity")
     cfg = config_from_args(args)
-    pair = build_pair(cfg, args.torch_checkpoint, seed=args.seed)
-    results = run_parity(cfg, pair, seed=args.seed)
+    pair = parity.build_pair(cfg, args.torch_checkpoint, seed=args.seed)
+    results = parity.run_parity(cfg, pair, seed=args.seed)
     passed = all(r.passed for r in results)
     if args.json:
         print(json.dumps({"config": cfg.name, "weights": pair.source, "passed": passed,
@@ -142,15 +91,12 @@ def _run_parity(args: argparse.Namespace) -> int:
 
 
 def _run_bench_parity_speed(args: argparse.Namespace) -> int:
-    from lsd_jax.args import config_from_args
-    from lsd_jax.interop.parity import bench_parity_speed
-
-    _require("torch", "lsd bench parity-speed")
+    parity = _parity("lsd bench parity-speed")
     cfg = config_from_args(args)
-    result = bench_parity_speed(cfg, frames=args.frames, warmup=args.warmup, batch=args.batch,
-                                steps=args.steps, threads=args.threads,
-                                with_compile=not args.no_compile,
-                                interleave=not args.sequential)
+    result = parity.bench_parity_speed(cfg, frames=args.frames, warmup=args.warmup,
+                                       batch=args.batch, steps=args.steps, threads=args.threads,
+                                       with_compile=not args.no_compile,
+                                       interleave=not args.sequential)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -164,7 +110,7 @@ def _run_bench_parity_speed(args: argparse.Namespace) -> int:
             rows.append((name, f"p50 {figures['p50']:.2f} ms  mean {figures['mean']:.2f} ms"))
     for name, ratio in result["ratios_p50"].items():
         rows.append((name, f"{ratio:.2f}x"))
-    _print_rows(rows)
+    print_rows(rows)
     return 0
 
 
@@ -172,17 +118,15 @@ def _run_bench_parity_speed(args: argparse.Namespace) -> int:
 
 
 def _run_oasis(args: argparse.Namespace) -> int:
-    from lsd_jax.checkpoint import load_model
-    from lsd_jax.codec import make_codec
-    from lsd_jax.interop.oasis import generate, load_actions, load_start_frames, write_video
+    from lsd_jax.interop import oasis  # lazy: Flax and the model, for this command only
 
-    cfg, model = load_model(args.checkpoint, args.overrides)
-    codec = make_codec(cfg, args.checkpoint)
+    cfg, model, codec = oasis.load_world_model(args.checkpoint, args.overrides)
     height, width, _ = codec.frame_shape
-    start = load_start_frames(args.start, args.start_frames, height, width)
-    actions = load_actions(args.actions, args.frames, cfg.model.external_cond_dim)
-    video = generate(cfg, model, codec, start, actions, args.frames, args.mode, seed=args.seed)
-    write_video(args.out, video)
+    start = oasis.load_start_frames(args.start, args.start_frames, height, width)
+    actions = oasis.load_actions(args.actions, args.frames, cfg.model.external_cond_dim)
+    video = oasis.generate(cfg, model, codec, start, actions, args.frames, args.mode,
+                           seed=args.seed)
+    oasis.write_video(args.out, video)
     summary = {"out": str(args.out), "mode": args.mode, "frames": args.frames,
                "start_frames": args.start_frames, "frame_shape": list(video.shape[1:]),
                "actions": str(args.actions) if args.actions else "zeros",
@@ -199,25 +143,23 @@ def _run_oasis(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- registration
 
 
-def register(commands, add_command, bench) -> None:
+def register(commands, bench) -> None:
     """Add `convert oasis`, `parity`, `bench parity-speed` and `oasis` to the `lsd` parser."""
-    from lsd_jax.args import int_in, step_count
-
     convert = commands.add_parser("convert", help="convert weights from other frameworks")
     kinds = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    oasis = kinds.add_parser(
+    from_oasis = kinds.add_parser(
         "oasis", help="Oasis-500M DiT + ViT-VAE (torch state dicts) -> an lsd checkpoint",
         description="Convert Oasis-500M (oasis500m.safetensors) and its ViT-VAE "
                     "(vit-l-20.safetensors) into a checkpoint directory every lsd command reads.")
-    oasis.add_argument("--dit", required=True, help="DiT weights (.safetensors or .pt)")
-    oasis.add_argument("--vae", required=True, help="ViT-VAE weights (.safetensors or .pt)")
-    oasis.add_argument("--out", required=True, help="checkpoint directory to create")
-    oasis.add_argument("--config", default="oasis_500m",
+    from_oasis.add_argument("--dit", required=True, help="DiT weights (.safetensors or .pt)")
+    from_oasis.add_argument("--vae", required=True, help="ViT-VAE weights (.safetensors or .pt)")
+    from_oasis.add_argument("--out", required=True, help="checkpoint directory to create")
+    from_oasis.add_argument("--config", default="oasis_500m",
                        help="DiT config (default oasis_500m)")
-    oasis.add_argument("--json", action="store_true", help="print one JSON object")
-    oasis.add_argument("overrides", nargs="*", metavar="key.path=value",
+    from_oasis.add_argument("--json", action="store_true", help="print one JSON object")
+    from_oasis.add_argument("overrides", nargs="*", metavar="key.path=value",
                        help="config overrides; vae.FIELD=value sets the VAE's shapes")
-    oasis.set_defaults(run=_run_convert_oasis)
+    from_oasis.set_defaults(run=_run_convert_oasis)
 
     parity = add_command(commands, "parity", _run_parity,
                          "JAX vs the PyTorch reference: forward, sampling trajectory, training "

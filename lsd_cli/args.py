@@ -1,4 +1,5 @@
-"""Argument types shared by the `lsd` commands: argparse `type=` callables.
+"""What the `lsd` commands parse alike: argparse `type=` callables, and `--config` with its
+trailing `key.path=value` overrides (`add_command`, `config_from_args`).
 
     parser.add_argument("--frames", type=int_in(1))            # an int >= 1
     parser.add_argument("--port", type=int_in(0, 65535))       # an int in 0..65535
@@ -15,6 +16,8 @@ import argparse
 from collections.abc import Callable
 
 from lsd_jax.config import MAX_SAMPLE_STEPS, Config, load_config, resolve_config
+
+CONFIG_HELP = "config file (lsd_configs/tiny.py) or packaged config name (tiny)"
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -62,3 +65,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The config of `--config` (a file or a packaged config's name) with the trailing
     `key.path=value` overrides."""
     return load_config(resolve_config(args.config), args.overrides)
+
+
+def add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int], help: str, *,
+                config_required: bool = True) -> argparse.ArgumentParser:
+    """A subcommand taking `--config` (required unless `config_required` is False: then None
+    when not given) and trailing `key.path=value` overrides."""
+    parser = subparsers.add_parser(name, help=help, description=help)
+    parser.add_argument("--config", required=config_required, default=None, help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="override a config field, e.g. model.depth=2")
+    parser.set_defaults(run=run)
+    return parser
