@@ -23,7 +23,7 @@ from lsd_jax.errors import ConfigError
 
 
 def _run_encode(args) -> int:
-    from lsd_train.latents import encode_dataset  # lazy: grain and the data pipeline
+    from lsd_train.latents_writer import encode_dataset  # lazy: the data pipeline
 
     cfg = config_from_args(args)
     codec = make_codec(cfg, args.codec_dir)

@@ -32,6 +32,7 @@ from lsd_jax.codec import resize_and_crop
 from lsd_jax.config import Config
 from lsd_jax.errors import ConfigError, DataError, DataWarning
 from lsd_jax.prompt import make_prompt_encoder
+from lsd_train.latents import LatentClips
 from lsd_train.tasks import select_tasks
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".gif", ".m4v", ".mpg", ".mpeg")
@@ -319,8 +320,6 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
         raise ConfigError(f"train.batch_size={batch} is not divisible by the process count "
                           f"{process_count}")
     if cfg.data.source == "latents":
-        from lsd_train.latents import LatentClips
-
         source = LatentClips(cfg)  # already paired and encoded
         items = grain.MapDataset.source(source)
     else:

@@ -1,36 +1,38 @@
 """Latent datasets: training clips encoded once by a codec, read by grain without the codec.
 
-    lsd data encode --config lsd_configs/lsd_base.py --codec-dir DIR --out LATENTS --clips 4096
-    lsd train --config lsd_configs/lsd_base.py --workdir runs/base data.source=latents \
+    lsd data encode --config lsd_base --codec-dir DIR --out LATENTS --clips 4096
+    lsd train --config lsd_base --workdir runs/base data.source=latents \
         data.latent_dir=LATENTS data.codec_dir=DIR
 
-`encode_dataset` draws paired clips from the pixel pipeline (`lsd_train/data.py`: the procedural or
-video-folder source and the tasks) at the codec's frame size, encodes input and target frames with
-`codec.encode` (jitted, a batch of clips at a time) and writes them to ArrayRecord shards, one
-record per clip (`npz` bytes: `target`, `cond` float32 latents `[t, gh, gw, c]`, `prompt` when the
-config has one). `LATENTS/latents.json` records the codec's identity (`codec_identity`: its name,
-shapes and the sha256 of its weights), the prompt encoder's record, the clip length and the
-shards. Training reads the records through `grain.ArrayRecordDataSource` (`LatentClips`) and
-never runs the VAE; a dataset made by another codec (name, latent shape, or, when
-`data.codec_dir` is given, weights), another prompt encoder or another clip length is refused with
-an error naming both sides.
+`lsd_train.latents_writer.encode_dataset` writes one: paired clips of the pixel pipeline, encoded by
+the codec, in ArrayRecord shards, one record per clip (`npz` bytes: `target`, `cond` float32 latents
+`[t, gh, gw, c]`, `prompt` when the config has one). `LATENTS/latents.json` records the codec's
+identity (`codec_identity`: its name, shapes and the sha256 of its weights), the prompt encoder's
+record, the clip length and the shards. Training reads the records through
+`grain.ArrayRecordDataSource` (`LatentClips`) and never runs the VAE; a dataset made by another
+codec (name, latent shape, or, when `data.codec_dir` is given, weights), another prompt encoder or
+another clip length is refused with an error naming both sides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
+from flax import nnx
 
-from lsd_jax.config import Config, to_dict
+from lsd_jax.codec import make_codec
+from lsd_jax.config import Config
 from lsd_jax.errors import ConfigError
+from lsd_jax.prompt import encoder_record
 
 FORMAT, VERSION = "lsd-latents", 1
-CLIPS_PER_SHARD = 256
 
 
 def codec_identity(codec) -> dict:
@@ -38,8 +40,6 @@ def codec_identity(codec) -> dict:
     learned codec (`"none"` for the pixel codec, which has none)."""
     digest = "none"
     if hasattr(codec, "vae"):
-        from flax import nnx
-
         h = hashlib.sha256()
         for leaf in jax.tree.leaves(nnx.state(codec.vae, nnx.Param)):
             h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -50,68 +50,12 @@ def codec_identity(codec) -> dict:
 
 def pixel_twin(cfg: Config, frame_hw: tuple[int, int]) -> Config:
     """The pixel-space config whose data pipeline makes the clips a latent config encodes."""
-    import dataclasses
-
     model = dataclasses.replace(cfg.model, frame_height=frame_hw[0], frame_width=frame_hw[1],
                                 channels=3, cond_channels=3, patch_size=1)
     return dataclasses.replace(cfg, model=model, codec="pixel",
                                data=dataclasses.replace(cfg.data, source=cfg.data.source
                                                         if cfg.data.source != "latents"
                                                         else "procedural"))
-
-
-def _record(arrays: dict) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def encode_dataset(cfg: Config, codec, out: str | Path, *, clips: int, split: str = "train",
-                   batch: int = 8, progress=lambda done, total: None) -> dict:
-    """Encode `clips` paired clips of `split` with `codec` into ArrayRecord shards under `out`;
-    returns the metadata written to `out/latents.json`."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from lsd_jax.prompt import encoder_record
-    from lsd_train.data import PairedClips, make_source
-
-    out = Path(out)
-    if (out / "latents.json").exists():
-        raise ConfigError(f"{str(out)!r} already holds a latent dataset (latents.json)")
-    out.mkdir(parents=True, exist_ok=True)
-    twin = pixel_twin(cfg, codec.frame_shape[:2])
-    source = PairedClips(make_source(twin, split), twin, cfg.data.shuffle_seed)
-    encode = jax.jit(codec.encode)
-    shards, written, index = [], 0, 0
-    writer = None
-    while written < clips:
-        items = []
-        while len(items) < min(batch, clips - written):
-            item = source[index]
-            index += 1
-            if item is not None:
-                items.append(item)
-        target = np.asarray(encode(np.stack([it["target"] for it in items])), np.float32)
-        cond = np.asarray(encode(np.stack([it["cond"] for it in items])), np.float32)
-        for i, item in enumerate(items):
-            if written % CLIPS_PER_SHARD == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(f"clips-{len(shards):05d}.array_record")
-                writer = ArrayRecordWriter(str(out / shards[-1]), "group_size:1")
-            record = {"target": target[i], "cond": cond[i]}
-            if "prompt" in item:
-                record["prompt"] = np.asarray(item["prompt"], np.float32)
-            writer.write(_record(record))
-            written += 1
-        progress(written, clips)
-    writer.close()
-    meta = {"format": FORMAT, "version": VERSION, "codec": codec_identity(codec),
-            "prompt_encoder": encoder_record(cfg), "clip_frames": cfg.data.clip_frames,
-            "clips": written, "split": split, "shards": shards,
-            "data": to_dict(cfg.data)}
-    (out / "latents.json").write_text(json.dumps(meta, indent=2))
-    return meta
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -132,8 +76,6 @@ def read_meta(directory: str | Path) -> dict:
 def check_dataset(meta: dict, cfg: Config, codec=None) -> None:
     """Refuse a dataset `cfg` cannot train on: another codec (name, latent shape, weights when
     `codec` is given), another prompt encoder, another clip length."""
-    from lsd_jax.prompt import encoder_record
-
     where = f"data.latent_dir={cfg.data.latent_dir!r}"
     made_by = meta["codec"]
     if made_by["name"] != cfg.codec:
@@ -159,14 +101,10 @@ class LatentClips:
     float32 arrays (`target`, `cond`, `prompt`)."""
 
     def __init__(self, cfg: Config):
-        import grain
-
         directory = Path(cfg.data.latent_dir)
         self.meta = read_meta(directory)
         codec = None
         if cfg.data.codec_dir:
-            from lsd_jax.codec import make_codec
-
             codec = make_codec(cfg, cfg.data.codec_dir)
         check_dataset(self.meta, cfg, codec)
         self._records = grain.sources.ArrayRecordDataSource(
