@@ -8,9 +8,11 @@ imports it.
 - `info`: `lsd info`; `bench`: `lsd bench step`, `lsd bench kernels` (the other groups add their
   own benchmarks to `lsd bench`);
 - `interop`: `lsd convert oasis`, `lsd parity`, `lsd bench parity-speed`, `lsd oasis`;
-- `evaluate`: `lsd eval`; `train`: `lsd train`, `lsd bench train`;
+- `evaluate`: `lsd eval`; `train`: `lsd train`, `lsd bench train`, `lsd ship-demo`,
+  `lsd cost-model`;
 - `serve`: `lsd export`, `lsd stream`, `lsd serve`, `lsd bench serve`, `lsd bench long-stream`;
-- `data`: `lsd data encode`, `lsd data random-codec`.
+- `data`: `lsd data encode`, `lsd data random-codec`, `lsd data demo-clip`;
+- `kernels`: `lsd kernels tpu-aot`, `lsd kernels triton-aot`.
 
 A command module imports what starts without Flax at its top; the model code, Flax, training and
 torch are imported by the run function of the command that needs them, so `lsd --help` and every

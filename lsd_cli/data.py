@@ -1,12 +1,14 @@
-"""`lsd data`: datasets and the codec weights they are encoded with.
+"""`lsd data`: datasets, the codec weights they are encoded with, and the packaged demo clip.
 
     lsd data encode --config lsd_base --codec-dir DIR --out LATENTS --clips 4096
     lsd data random-codec --out DIR [vae.FIELD=VALUE ...] [--seed 0]
+    lsd data demo-clip [--out clip.mp4]
 
 `encode` writes a latent dataset (`lsd_train.latents`: ArrayRecord shards of clips encoded once by
 the config's codec) that `lsd train ... data.source=latents data.latent_dir=LATENTS` reads without
 running the codec; `random-codec` writes a randomly initialised `oasis_vae` codec, the latent path
-end to end without the converted Oasis weights.
+end to end without the converted Oasis weights; `demo-clip` makes the clip `lsd stream --input demo`
+plays (`lsd_serve.make_demo_clip`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from lsd_cli.args import add_command, config_from_args, int_in
 from lsd_jax.codec import make_codec
 from lsd_jax.errors import ConfigError
+from lsd_serve import make_demo_clip
 
 
 def _run_encode(args) -> int:
@@ -71,8 +74,14 @@ def _run_random_codec(args) -> int:
     return 0
 
 
+def _run_demo_clip(args) -> int:
+    out = make_demo_clip.write_demo_clip(args.out)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
 def register(commands, bench) -> None:
-    """Add `lsd data encode` and `lsd data random-codec`."""
+    """Add `lsd data encode`, `lsd data random-codec` and `lsd data demo-clip`."""
     data = commands.add_parser("data", help="datasets").add_subparsers(
         dest="data_command", required=True, metavar="ACTION")
     encode = add_command(data, "encode", _run_encode,
@@ -92,3 +101,13 @@ def register(commands, bench) -> None:
     codec.add_argument("--seed", type=int, default=0)
     codec.add_argument("fields", nargs="*", metavar="vae.FIELD=VALUE",
                        help="the VAE's shapes, e.g. vae.enc_depth=2")
+    clip = data.add_parser(
+        "demo-clip", help="write the demo clip lsd stream --input demo plays",
+        description=f"Write the demo clip lsd stream --input demo plays: "
+                    f"{len(make_demo_clip.PHOTOS)} scikit-image photographs, "
+                    f"{make_demo_clip.FRAMES_PER_PHOTO} frames each, {make_demo_clip.WIDTH}x"
+                    f"{make_demo_clip.HEIGHT} at {make_demo_clip.FPS} fps (mp4v).")
+    clip.add_argument("--out", type=Path, default=make_demo_clip.OUT,
+                      help=f"where to write it (default: the packaged {make_demo_clip.OUT.name}, "
+                           "replaced)")
+    clip.set_defaults(run=_run_demo_clip)

@@ -1,6 +1,6 @@
 """The `lsd` command: the parser of every subcommand, and `main`, which runs one.
 
-    lsd info --config lsd_configs/tiny.py [key.path=value ...] [--json]
+    lsd info --config tiny [key.path=value ...] [--json]
     lsd bench step --config tiny [--steps 3] [--frames 200] [--batch 1] [--json]
     python -m lsd_cli ...                   # the same command
 
@@ -20,12 +20,12 @@ import argparse
 import os
 import sys
 
-from lsd_cli import bench, data, evaluate, info, interop, serve, train
+from lsd_cli import bench, data, evaluate, info, interop, kernels, serve, train
 from lsd_jax.errors import USER_ERRORS
 
 # The groups whose `register(commands, bench)` adds their commands after `lsd info` and
 # `lsd bench`, in the order `lsd --help` lists them.
-COMMANDS = (interop, evaluate, train, serve, data)
+COMMANDS = (interop, evaluate, train, serve, data, kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,16 @@
-"""`lsd train`: train a config, or only compile its sharded step (`--aot-only`); `lsd bench train`.
+"""The training commands of `lsd` (`lsd_train`):
 
     lsd train --config tiny --workdir runs/tiny [key.path=value ...] [--resume]
     lsd train --aot-only --config lsd_base --devices 64 mesh.data=8 mesh.fsdp=8 \
         train.batch_size=64
     lsd bench train --config tiny train.batch_size=8 [--steps 20] [--json]
+    lsd ship-demo --workdir runs/demo [--command "lsd train ..."] [key.path=value ...]
+    lsd cost-model [--configs lsd_base,oasis_500m] [--mesh 1,8,1] [--batch-sizes 0] [--json]
+
+`lsd train` trains a config, or only compiles its sharded step (`--aot-only`). `lsd ship-demo`
+copies a finished run into the package as the built-in demo model (`lsd_train.ship_demo`);
+`lsd cost-model` predicts the train step's time and MFU on H100 and TPU v5p from its compile on
+simulated CPU devices (`lsd_train.cost_model`).
 
 Several processes (`jax.distributed`): `--coordinator HOST:PORT --num-processes N --process-id I`,
 or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; with
@@ -31,7 +38,7 @@ from lsd_jax.errors import ConfigError
 
 
 def register(commands, bench) -> None:
-    """Add `lsd bench train` and `lsd train`."""
+    """Add `lsd bench train`, `lsd train`, `lsd ship-demo` and `lsd cost-model`."""
     bench_train = add_command(bench, "train", _run_bench_train,
                               "frames/s and FLOP utilisation of the sharded train step")
     bench_train.add_argument("--steps", type=int_in(1), default=20, help="timed steps")
@@ -58,6 +65,37 @@ def register(commands, bench) -> None:
     parser.add_argument("--process-id", type=int_in(0), default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    ship = commands.add_parser("ship-demo", help="copy a finished training run into the package "
+                               "as the built-in demo model",
+                               description="Copy a finished lsd train run (its EMA model, loss "
+                               "plot and a TRAINING.md) into the package as the built-in demo "
+                               "model.")
+    ship.add_argument("--workdir", required=True, type=Path, help="the run's work directory")
+    ship.add_argument("--command", default="lsd train --config tiny_pixel --workdir "
+                                           "runs/tiny_pixel",
+                      help="the command that trained the run, written into TRAINING.md")
+    ship.add_argument("overrides", nargs="*", metavar="key.path=value",
+                      help="how the shipped model runs (its stored config), e.g. "
+                           "diffusion.frame_noise=fixed")
+    ship.set_defaults(run=_run_ship_demo)
+
+    cost = commands.add_parser("cost-model", help="predicted train-step time and MFU on H100 and "
+                               "TPU v5p, from the step compiled on simulated CPU devices",
+                               description="A cost model of the sharded train step: each "
+                               "config's step compiled on simulated CPU devices, its FLOPs, HBM "
+                               "bytes and collectives, and the step time and MFU predicted on 8 "
+                               "H100 SXM and on a TPU v5p-16, as a Markdown table.")
+    cost.add_argument("--configs", default="lsd_base,oasis_500m",
+                      help="comma-separated config names (lsd_configs/NAME.py) or files")
+    cost.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    cost.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor")
+    cost.add_argument("--batch-sizes", default="0",
+                      help="comma-separated global batch sizes (0: one clip per device row)")
+    cost.add_argument("--json", action="store_true", help="print the rows as JSON")
+    cost.add_argument("overrides", nargs="*", metavar="key.path=value",
+                      help="key.path=value config overrides")
+    cost.set_defaults(run=_run_cost_model)
 
 
 def _distributed_args(args) -> dict | None:
@@ -186,4 +224,35 @@ def _run_bench_train(args: argparse.Namespace) -> int:
         ("of peak", f"{result['percent_of_peak']:.1f}%"),
     ]
     print_rows(rows)
+    return 0
+
+
+# ----------------------------------------------------------------------------- lsd ship-demo
+
+
+def _run_ship_demo(args: argparse.Namespace) -> int:
+    from lsd_train.ship_demo import dir_bytes, ship  # lazy: Flax and the model, this command's
+
+    dest = ship(args.workdir, args.command, overrides=tuple(args.overrides))
+    print(f"wrote {dest} ({dir_bytes(dest):,} bytes)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- lsd cost-model
+
+
+def _run_cost_model(args: argparse.Namespace) -> int:
+    from lsd_train.cost_model import cost_table  # lazy: the trainer, this command's
+
+    # Before the backend starts: simulated CPU devices for compiling without the hardware.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    mesh = tuple(int(x) for x in args.mesh.split(","))
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    table, rows = cost_table(args.configs.split(","), devices=args.devices, mesh=mesh,
+                             batch_sizes=batches, overrides=args.overrides)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(table)
     return 0

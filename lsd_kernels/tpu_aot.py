@@ -9,8 +9,8 @@ Lowering (`jax.export(..., platforms=["tpu"])`) stops at the Mosaic MLIR inside 
 the whole XLA:TPU + Mosaic pipeline: a block that does not fit in VMEM is a `RESOURCE_EXHAUSTED`
 `JaxRuntimeError` here, as it would be on the chip.
 
-    python -m lsd_kernels.tpu_aot               # every kernel at the Oasis shape on v5e, v6e
-    python -m lsd_kernels.tpu_aot v5e:2x2 f32
+    lsd kernels tpu-aot               # every kernel at the Oasis shape on v5e, v6e
+    lsd kernels tpu-aot v5e:2x2 f32
 
 Importing this module sets (if unset) `TPU_SKIP_MDS_QUERY=1` (no GCE metadata queries) and
 `ALLOW_MULTIPLE_LIBTPU_LOAD=1` (another jax process on the host may hold libtpu's
@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -152,33 +151,3 @@ def kernel_cases(dtype: Any = jnp.bfloat16, **shape: int) -> dict[str, tuple[Cal
                 x, gate, y, shift, scale, eps=1e-6),
             [arr(b, t, n, d), row, arr(b, t, n, d), row, row]),
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print a table of every kernel's compile for the topologies and dtypes in `argv`
-    (default: v5e and v6e, bf16 and f32)."""
-    argv = sys.argv[1:] if argv is None else argv
-    dtypes = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-    topologies = [a for a in argv if a not in dtypes] or ["v5e", "v6e"]
-    chosen = [dtypes[a] for a in argv if a in dtypes] or list(dtypes.values())
-    print(f"libtpu {libtpu_version()}, jax {jax.__version__}; HBM bytes, shape {OASIS}")
-    print(f"{'topology':12} {'dtype':9} {'kernel':23} {'result':8} {'s':>5} {'argument':>9} "
-          f"{'output':>9} {'temp':>9} {'code':>8}")
-    for topology in topologies:
-        for dtype in chosen:
-            for name, (fn, args) in kernel_cases(dtype).items():
-                head = f"{topology:12} {jnp.dtype(dtype).name:9} {name:23}"
-                try:
-                    r = compile_for_tpu(fn, *args, topology=topology)
-                except TpuCompileUnavailable:
-                    raise
-                except Exception as err:  # Mosaic / XLA:TPU rejected it
-                    print(f"{head} FAILED   {str(err).splitlines()[0][:200]}")
-                    continue
-                m = r["memory"]
-                print(f"{head} ok       {r['seconds']:5.1f} {m['argument']:>9} {m['output']:>9} "
-                      f"{m['temp']:>9} {m['code']:>8}")
-
-
-if __name__ == "__main__":
-    main()

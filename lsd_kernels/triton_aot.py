@@ -6,7 +6,7 @@ wheel (no GPU, no driver): register, spill and shared-memory figures of each ker
 shipped in the wheel then assembles that PTX with `-v`, and its report is parsed. Shared memory is
 Triton's dynamic allocation (`metadata.shared`) plus any static `smem` ptxas reports.
 
-    python -m lsd_kernels.triton_aot     # a table of the ring kernel's variants for sm_90
+    lsd kernels triton-aot     # a table of the ring kernel's variants for sm_90
 """
 
 from __future__ import annotations
@@ -108,21 +108,3 @@ def compile_stats(kernel: str = "ring_attention", *, head_dim: int = 64,
                 shared_bytes=compiled.metadata.shared + report["static_smem"],
                 stack_bytes=report["stack_bytes"], block_n=block, num_warps=num_warps,
                 ptxas=version.strip().splitlines()[-1] if version else "")
-
-
-def main() -> None:
-    print(f"{'kernel':16} {'e':>4} {'dtype':9} {'pairs':11} {'block':>5} {'regs':>4} "
-          f"{'spill st/ld':>11} {'smem':>6}")
-    for head_dim in (64, 128):
-        for dtype in ("bfloat16", "float32"):
-            for interleaved in (True, False):
-                s = compile_stats(head_dim=head_dim, dtype=dtype, interleaved=interleaved)
-                pairs = "interleaved" if interleaved else "half split"
-                print(f"{'ring_attention':16} {head_dim:>4} {dtype:9} {pairs:11} "
-                      f"{s['block_n']:>5} {s['registers']:>4} "
-                      f"{s['spill_stores']:>5}/{s['spill_loads']:<5} {s['shared_bytes']:>6}")
-    print(f"target {s['target']}, {s['num_warps']} warps, {s['ptxas']}")
-
-
-if __name__ == "__main__":
-    main()

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 tl: Any = None  # `triton.language`, bound by `ring_kernel()`: the kernel body's `tl`
 
 # Elements of one [BLOCK_N, e/2] tile: 4 a thread at 4 warps, about 90 registers and no spill on
-# sm_90 (twice that spills: `python -m lsd_kernels.triton_aot`).
+# sm_90 (twice that spills: `lsd kernels triton-aot`).
 MAX_TILE = 512
 NUM_WARPS = 4
 

@@ -1,8 +1,8 @@
 """Make `lsd_serve/assets/demo.mp4`, the clip `lsd stream --input demo` plays (no download at run
 time).
 
-    python -m lsd_serve.make_demo_clip            # needs scikit-image (the `test` extra)
-    python -m lsd_serve.make_demo_clip --out clip.mp4
+    lsd data demo-clip                  # needs scikit-image (the `test` extra)
+    lsd data demo-clip --out clip.mp4
 
 A virtual camera pans and zooms across four of scikit-image's photographs (astronaut, chelsea,
 coffee, rocket), 48 frames each, with a short cross-fade between them: 192 frames of 192x144 at
@@ -12,8 +12,6 @@ so the same scikit-image and OpenCV versions make the same file.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import cv2
@@ -56,22 +54,10 @@ def demo_frames() -> list[np.ndarray]:
     return frames
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lsd_serve.make_demo_clip",
-        description=f"Write the demo clip lsd stream --input demo plays: {len(PHOTOS)} "
-                    f"scikit-image photographs, {FRAMES_PER_PHOTO} frames each, {WIDTH}x{HEIGHT} "
-                    f"at {FPS} fps (mp4v).")
-    parser.add_argument("--out", type=Path, default=OUT,
-                        help=f"where to write it (default: the packaged {OUT.name}, replaced)")
-    out = parser.parse_args(argv).out
+def write_demo_clip(out: Path = OUT) -> Path:
+    """Write the clip (`demo_frames`, mp4v at `FPS`) to `out`, its folder made; returns `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with Mp4Writer(out, FPS, (WIDTH, HEIGHT)) as video:
         for frame in demo_frames():
             video.write(frame)
-    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return out

@@ -58,20 +58,16 @@ Hardware (`HARDWARE`), peak dense bf16 matmul rate, HBM bandwidth, and the colle
   taken as 300 GB/s per direction available to one collective (an upper end: a collective over
   one mesh axis of a small slice may use fewer links); the ICI domain is the whole pod.
 
-    python -m lsd_train.cost_model --batch-sizes 8,64    # Markdown table, 8 simulated devices
-    python -m lsd_train.cost_model --configs lsd_base --mesh 2,4,1 --json
+    lsd cost-model --batch-sizes 8,64    # Markdown table, 8 simulated devices
+    lsd cost-model --configs lsd_base --mesh 2,4,1 --json
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from lsd_jax.config import Config
 from lsd_jax.flops import (
@@ -688,7 +684,6 @@ def predict(costs: dict, hardware: Hardware | str, n_devices: int | None = None)
 
 # ----------------------------------------------------------------------------- the table
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "lsd_configs"
 # Each config's training overrides: oasis_500m ships as an fp32 inference model; it trains in bf16
 # with remat, as lsd_base does (SCALING.md).
 TRAIN_OVERRIDES = {"oasis_500m": ("model.remat_policy=dots_no_batch", "model.dtype=bfloat16")}
@@ -699,18 +694,19 @@ TARGETS = (("h100_sxm", "8 x H100 SXM"), ("tpu_v5p", "v5p-16 (8 chips)"))
 
 def config_costs(name: str, *, devices: int = 8, mesh: tuple[int, int, int] = (1, 8, 1),
                  overrides: Sequence[str] = ()) -> dict:
-    """Compile `lsd_configs/NAME.py`'s train step on `devices` local devices with the mesh
-    `(data, fsdp, tensor)` and return its `step_costs` plus the config's name, batch and mesh."""
+    """Compile the train step of the config `name` (a packaged config's name or a file,
+    `lsd_jax.config.resolve_config`) on `devices` local devices with the mesh `(data, fsdp,
+    tensor)` and return its `step_costs` plus the config's name, batch and mesh."""
     import jax
 
-    from lsd_jax.config import MeshConfig, load_config
+    from lsd_jax.config import MeshConfig, load_config, resolve_config
     from lsd_train import sharding, trainer
 
     if jax.device_count() < devices:
         raise RuntimeError(f"{devices} devices wanted, {jax.device_count()} available: run with "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} or use "
-                           "main(), which sets it")
-    path = Path(name) if name.endswith(".py") else CONFIGS_DIR / f"{name}.py"
+                           "lsd cost-model, which sets it")
+    path = resolve_config(name)
     cfg = load_config(path, [*TRAIN_OVERRIDES.get(path.stem, ()), *overrides])
     data, fsdp, tensor = mesh
     m = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor),
@@ -756,35 +752,3 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['collective_wire_bytes'] / 1e9:,.2f} | {1e3 * p['compute_s']:,.1f} | "
             f"{1e3 * p['memory_s']:,.1f} | {1e3 * p['collective_s']:,.1f} | {steps} | {mfus} |")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lsd_train.cost_model", description=__doc__
-                                     .split("\n\n")[0])
-    parser.add_argument("--configs", default="lsd_base,oasis_500m",
-                        help="comma-separated config names (lsd_configs/NAME.py)")
-    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor")
-    parser.add_argument("--batch-sizes", default="0",
-                        help="comma-separated global batch sizes (0: one clip per device row)")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("overrides", nargs="*", help="key.path=value config overrides")
-    args = parser.parse_args(argv)
-
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
-    mesh = tuple(int(x) for x in args.mesh.split(","))
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    table, rows = cost_table(args.configs.split(","), devices=args.devices, mesh=mesh,
-                             batch_sizes=batches, overrides=args.overrides)
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """Copy a finished `lsd train` run into the package as the built-in demo model.
 
-    python -m lsd_train.ship_demo --workdir runs/demo [--command "lsd train ..."] \
-        [key.path=value ...]
+    lsd ship-demo --workdir runs/demo [--command "lsd train ..."] [key.path=value ...]
 
 Writes `lsd_jax/demo_model/`: the run's EMA model (`config.json`, `params/`), `loss.png`, and
 `TRAINING.md` with the command, the steps, the measured training time and throughput, and the
@@ -12,25 +11,25 @@ TRAINING.md. Refuses a run that has not reached its last step, or weights over 2
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from lsd_jax.checkpoint import load_config_from
 from lsd_jax.config import to_dict
 from lsd_jax.demo import DEMO_MODEL_DIR
-from lsd_jax.errors import CheckpointError, ConfigError
+from lsd_jax.errors import CheckpointError
 from lsd_jax.model import abstract_model, count_params
 
 MAX_BYTES = 20 * 2**20
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under `path`."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -54,6 +53,8 @@ def summarize(workdir: Path) -> dict:
 
 
 def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR, overrides=()) -> Path:
+    """Copy the finished run in `workdir` to `dest` (the package's demo model) with its
+    TRAINING.md; `command` is what trained it, `overrides` how the shipped model runs."""
     model = workdir / "model"
     if not (model / "config.json").is_file():
         raise CheckpointError(f"{str(workdir)!r} has no exported model (model/config.json)")
@@ -61,7 +62,7 @@ def ship(workdir: Path, command: str, dest: Path = DEMO_MODEL_DIR, overrides=())
     if summary["steps"] < summary["target_steps"]:
         raise CheckpointError(f"{str(workdir)!r} stopped at step {summary['steps']} of "
                               f"{summary['target_steps']}; finish it with --resume first")
-    size = _dir_bytes(model)
+    size = dir_bytes(model)
     if size > MAX_BYTES:
         raise CheckpointError(f"model of {str(workdir)!r} is {size:,} bytes, over the "
                               f"{MAX_BYTES:,} allowed in the package")
@@ -100,7 +101,7 @@ Made by
 from the `{cfg.name}` recipe (`lsd_configs/{cfg.name}.py`; {trainable:,} parameters,
 {cfg.prompt.encoder} prompt encoder), at commit {commit}, shipped
 {datetime.now(UTC):%Y-%m-%d} from a {platform.machine()} machine with
-{__import__('os').cpu_count()} CPU cores ({platform.python_implementation()}
+{os.cpu_count()} CPU cores ({platform.python_implementation()}
 {platform.python_version()}).
 {runs_with}
 | | |
@@ -109,33 +110,10 @@ from the `{cfg.name}` recipe (`lsd_configs/{cfg.name}.py`; {trainable:,} paramet
 | time in train steps | {s['step_seconds'] / 60:.1f} min ({s['frames_per_s']:.1f} frames/s) |
 | loss: first log -> mean of the last 10 logs | {s['loss_first']:.3f} -> {s['loss_last_10']:.3f} |
 | flow-matching loss, mean of the last 10 logs | {s['flow_matching_last_10']:.3f} |
-| weights | EMA (`train.ema_decay`), {_dir_bytes(dest / 'params'):,} bytes (orbax) |
+| weights | EMA (`train.ema_decay`), {dir_bytes(dest / 'params'):,} bytes (orbax) |
 
 Data: the procedural training split (scikit-image photographs under random camera paths with
 sprites) paired with the nine tasks of `lsd_train/tasks.py`. Evaluation on the held-out split:
 EVAL.md (`lsd eval`). Loss curve: `loss.png`.
 """)
     return dest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, type=Path)
-    parser.add_argument("--command", default="lsd train --config lsd_configs/tiny_pixel.py "
-                                              "--workdir runs/tiny_pixel",
-                        help="the command that trained the run, written into TRAINING.md")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="how the shipped model runs (its stored config), e.g. "
-                             "diffusion.frame_noise=fixed")
-    args = parser.parse_args(argv)
-    try:
-        dest = ship(args.workdir, args.command, overrides=tuple(args.overrides))
-    except (CheckpointError, ConfigError) as err:
-        print(f"ship_demo: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {dest} ({_dir_bytes(dest):,} bytes)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

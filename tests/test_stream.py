@@ -237,18 +237,17 @@ def test_stream_damaged_inputs(tmp_path, capfd):
 
 
 def test_make_demo_clip_help_only_prints_help(tmp_path, repo_root):
-    """`python -m lsd_serve.make_demo_clip --help` prints its usage and leaves the packaged clip
-    alone; `--out` writes the clip elsewhere."""
+    """`lsd data demo-clip --help` prints its usage and leaves the packaged clip alone; `--out`
+    writes the clip elsewhere."""
     import subprocess
     import sys
 
     before = demo_clip().stat().st_mtime_ns
-    shown = subprocess.run([sys.executable, "-m", "lsd_serve.make_demo_clip", "--help"],
+    shown = subprocess.run([sys.executable, "-m", "lsd_cli", "data", "demo-clip", "--help"],
                            cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m "
-                                                             "lsd_serve.make_demo_clip")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: lsd data demo-clip")
     assert demo_clip().stat().st_mtime_ns == before
-    made = subprocess.run([sys.executable, "-m", "lsd_serve.make_demo_clip", "--out",
+    made = subprocess.run([sys.executable, "-m", "lsd_cli", "data", "demo-clip", "--out",
                            str(tmp_path / "clip.mp4")], cwd=repo_root, capture_output=True,
                           text=True, timeout=300)
     assert made.returncode == 0, made.stderr

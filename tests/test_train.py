@@ -92,7 +92,7 @@ print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["t
 
 
 def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path):
-    """`python -m lsd_train.ship_demo` copies the run's model with its trained prompts, and writes
+    """`lsd ship-demo` copies the run's model with its trained prompts, and writes
     TRAINING.md with the recipe, the parameter count and the steps; an unfinished run is refused."""
     from lsd_jax.checkpoint import load_config_from, load_model, load_trained_prompts
     from lsd_jax.errors import CheckpointError
