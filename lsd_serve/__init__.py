@@ -6,6 +6,10 @@ frame loop.
   model code.
 - `engine`: one step interface over a checkpoint, an artifact or an untrained model.
 - `stream`: video file / webcam / packaged demo clip -> output video (`lsd stream`).
-- `server`: the aiohttp server, its frame loop and browser page (`lsd serve`, PROTOCOL.md).
+- `server`: `lsd serve`, the application run until interrupted (or in a thread); `app`: its
+  routes and handlers (`/`, `/ws`, `/healthz`, `/metrics`), `options`: what it takes, `access`:
+  token and origin checks, `protocol`: one client's WebSocket messages (PROTOCOL.md), `sessions`:
+  a client's state, `frame_loop`: the one model loop all sessions share, `scheduler`: its
+  batching and step decisions, `jpeg`: frames in and out, `metrics`: Prometheus.
 - `bench`: `lsd bench serve` and `lsd bench long-stream` (their commands: `lsd_cli.serve`).
 """

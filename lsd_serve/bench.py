@@ -27,7 +27,9 @@ from rich.progress import Progress
 
 from lsd_jax.stream_state import stream_frames
 from lsd_serve.engine import Engine
-from lsd_serve.server import BackgroundServer, ServerOptions, encode_jpeg
+from lsd_serve.jpeg import encode_jpeg
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
 
 
 def _frame_pool(engine: Engine, count: int = 16, seed: int = 0) -> list[np.ndarray]:

@@ -26,7 +26,8 @@ from conftest import REPO_ROOT
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
 from lsd_serve.engine import model_engine
-from lsd_serve.server import BackgroundServer, ServerOptions
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
 
 FRAMES = 50
 DEADLINE_S = 150  # compiles on a loaded machine plus 50 frames; the test never waits longer

@@ -20,7 +20,9 @@ from conftest import REPO_ROOT
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
 from lsd_serve.engine import model_engine
-from lsd_serve.server import BackgroundServer, ServerOptions, encode_jpeg
+from lsd_serve.jpeg import encode_jpeg
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
 
 TIMEOUT_S = 60  # a first frame compiles the step; on a loaded 2-core machine that takes seconds
 # A small model of the tiny config's frame size: each compile of a (batch, steps) variant is short.
