@@ -4,7 +4,8 @@ frame loop.
 - `export`: the `.lsdx` artifact (serialized `jax.export` steps lowered for cpu, cuda and tpu,
   the weights, a JSON header), written by `lsd export`; `artifact`: its loader, which needs no
   model code.
-- `engine`: one step interface over a checkpoint, an artifact or an untrained model.
+- `engine`: one step interface over a checkpoint, an artifact or an untrained model;
+  `model_engine`: the engine of a model run in process.
 - `stream`: video file / webcam / packaged demo clip -> output video (`lsd stream`).
 - `server`: `lsd serve`, the application run until interrupted (or in a thread); `app`: its
   routes and handlers (`/`, `/ws`, `/healthz`, `/metrics`), `options`: what it takes, `access`:

@@ -1,7 +1,7 @@
 """One streaming step behind `lsd stream` and `lsd serve`, from a checkpoint, an artifact or an
 untrained model.
 
-    engine = load_engine(checkpoint=DIR | artifact=FILE | config=Config)
+    engine = load_engine(checkpoint=DIR | artifact=FILE | cfg=Config)
     state = engine.init_state(batch)
     state, out_bhwc_uint8 = engine.step(state, frames_bhwc_uint8, prompt_bp, steps)
 
@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from lsd_jax.config import Config
-from lsd_jax.resolve import resolve_model
+from lsd_jax.prompt import NEAR_SIMILARITY, nearest_prompt
 from lsd_jax.stream_state import StreamState
+from lsd_serve.artifact import load_artifact
 
 
 @dataclass
@@ -68,8 +68,6 @@ class Engine:
         are equal (the prompt is a trained one, up to what the encoder ignores) and whether it is
         near enough to read as a phrasing of it (`lsd_jax.prompt.NEAR_SIMILARITY`); None when
         the model takes no prompt or its trained prompts are unknown."""
-        from lsd_jax.prompt import NEAR_SIMILARITY, nearest_prompt
-
         if self.prompt_encoder is None or not self.trained_prompts:
             return None
         nearest, similarity = nearest_prompt(self.prompt_encoder, prompt, self.trained_prompts)
@@ -101,47 +99,8 @@ class Engine:
         return min(fits)
 
 
-def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
-                 max_steps: int | None = None, trained_prompts: tuple[str, ...] = (),
-                 codec_dir=None) -> Engine:
-    """An engine running `make_step` in process: any batch size, steps 1..`max_steps`;
-    `trained_prompts` as recorded with the weights (`lsd_jax.checkpoint.load_trained_prompts`);
-    frames through the codec stored in `codec_dir` (a latent model's directory), else the
-    config's pixel codec."""
-    from flax import nnx
-
-    from lsd_jax.codec import make_codec
-    from lsd_jax.prompt import make_prompt_encoder
-    from lsd_jax.streaming import init_stream, make_step
-
-    graphdef, params = nnx.split(model)
-    # Weights and state committed to one device, as the step's outputs are: the state a step
-    # returns then has the sharding of the one it was given, so the second frame does not compile
-    # the step again (weights restored by orbax carry a one-device mesh sharding, a fresh state
-    # none).
-    device = jax.devices()[0]
-    params = jax.device_put(params, device)
-    max_steps = cfg.diffusion.sample_steps if max_steps is None else max_steps
-    codec = make_codec(cfg, codec_dir)
-    codec_params = jax.device_put(codec.params, device)  # an argument of the step, not constants
-    steps = {k: make_step(cfg, graphdef, steps=k, codec=codec) for k in range(1, max_steps + 1)}
-
-    def step_for(batch, k):
-        return lambda state, frame, prompt, external: steps[k](params, state, frame, prompt,
-                                                              external, codec_params)
-
-    return Engine(frame_hw=codec.frame_hw, steps=tuple(steps), batches=None,
-                  describe=describe, untrained=untrained, prompt_encoder=make_prompt_encoder(cfg),
-                  external_dim=cfg.model.external_cond_dim,
-                  _init_state=lambda batch, seed: jax.device_put(init_stream(cfg, batch, seed),
-                                                                 device),
-                  _step_for=step_for, trained_prompts=() if untrained else tuple(trained_prompts))
-
-
 def artifact_engine(path: str | Path) -> Engine:
     """An engine running an exported `.lsdx` step (no model code involved)."""
-    from lsd_serve.artifact import load_artifact
-
     art = load_artifact(path)
     untrained = bool(art.header["untrained"])
     source = art.header["source"] or "unknown weights"
@@ -163,7 +122,8 @@ def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
     `overrides` apply to a stored model's config)."""
     if artifact is not None:
         return artifact_engine(artifact)
-    resolved = resolve_model(checkpoint, cfg=cfg, seed=seed, overrides=overrides)
-    return model_engine(resolved.cfg, resolved.model, describe=resolved.describe,
-                        untrained=resolved.untrained, max_steps=max_steps,
-                        trained_prompts=resolved.trained_prompts, codec_dir=resolved.codec_dir)
+    # lazy: an artifact is served without Flax or the model code (lsd_serve.artifact)
+    from lsd_serve.model_engine import resolved_engine
+
+    return resolved_engine(checkpoint, cfg=cfg, max_steps=max_steps, seed=seed,
+                           overrides=overrides)

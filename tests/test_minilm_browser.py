@@ -19,7 +19,7 @@ from test_browser import CHROMIUM_FLAGS, DevTools, chromium_path, devtools_port
 from lsd_jax.config import load_config
 from lsd_jax.prompt import HashedPromptEncoder
 from lsd_jax.resolve import untrained_model
-from lsd_serve.engine import model_engine
+from lsd_serve.model_engine import model_engine
 from lsd_serve.options import ServerOptions
 from lsd_serve.server import BackgroundServer
 from lsd_train.tasks import TASKS

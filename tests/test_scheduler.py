@@ -55,7 +55,7 @@ def test_long_stream_bench_windows_and_interleaved_steps():
     from lsd_jax.config import load_config
     from lsd_jax.resolve import untrained_model
     from lsd_serve.bench import bench_long_stream
-    from lsd_serve.engine import model_engine
+    from lsd_serve.model_engine import model_engine
 
     cfg = load_config("lsd_configs/tiny.py", ["model.hidden_size=32", "model.depth=1",
                                           "model.num_heads=2", "model.window=3"])

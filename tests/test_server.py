@@ -19,8 +19,8 @@ from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
-from lsd_serve.engine import model_engine
 from lsd_serve.jpeg import encode_jpeg
+from lsd_serve.model_engine import model_engine
 from lsd_serve.options import ServerOptions
 from lsd_serve.server import BackgroundServer
 
