@@ -58,7 +58,7 @@ def _say_kernel(name: str) -> None:
 
 
 def _run_bench_kernels(args: argparse.Namespace) -> int:
-    from lsd_kernels.bench import bench_kernels  # lazy: the model's kernels, for this command only
+    from lsd_kernels.bench import bench_kernels  # lazy: the model and kernels, this command only
 
     cfg = config_from_args(args)
     result = bench_kernels(cfg, frames=args.frames, repeats=args.repeats, tpu=not args.no_tpu,

@@ -26,7 +26,7 @@ from lsd_serve import make_demo_clip
 
 
 def _run_encode(args) -> int:
-    from lsd_train.latents_writer import encode_dataset  # lazy: the data pipeline
+    from lsd_train.latents_writer import encode_dataset  # lazy: grain, for this command only
 
     cfg = config_from_args(args)
     codec = make_codec(cfg, args.codec_dir)
@@ -49,7 +49,7 @@ def _run_encode(args) -> int:
 def _run_random_codec(args) -> int:
     from flax import nnx
 
-    from lsd_jax.vae import OasisVAE, VAEConfig, save_vae  # lazy: Flax and orbax, this command's
+    from lsd_jax.vae import OasisVAE, VAEConfig, save_vae  # lazy: Flax and orbax, this command only
 
     fields = {f.name: f.type for f in dataclasses.fields(VAEConfig)}
     values = {}

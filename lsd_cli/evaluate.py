@@ -96,8 +96,7 @@ def register(commands, bench) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    # lazy: Flax, the model and the data pipeline, for this command only
-    from lsd_train import eval_paraphrase, eval_real, eval_report, evaluate
+    from lsd_train import eval_paraphrase, eval_real, eval_report, evaluate  # lazy: Flax, the model
 
     if "=" in args.what:  # an override in the optional positional's place
         args.overrides, args.what = [args.what, *args.overrides], "quality"

@@ -44,7 +44,7 @@ def _parity(command: str):
 
 def _run_convert_oasis(args: argparse.Namespace) -> int:
     _require("safetensors", "lsd convert oasis")
-    from lsd_jax.interop.convert import convert_oasis  # lazy: Flax, orbax, for this command only
+    from lsd_jax.interop.convert import convert_oasis  # lazy: Flax and orbax, for this command only
 
     cfg = load_config(resolve_config(args.config),
                       [o for o in args.overrides if not o.startswith("vae.")])

@@ -25,8 +25,7 @@ TPU_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
 def _run_tpu_aot(args: argparse.Namespace) -> int:
     """Print a table of every kernel's compile for the topologies and dtypes asked for."""
-    # lazy: importing it sets libtpu's compile-only environment variables, for this command only
-    from lsd_kernels import tpu_aot
+    from lsd_kernels import tpu_aot  # lazy: importing it sets libtpu's environment variables
 
     topologies = [a for a in args.targets if a not in TPU_DTYPES] or ["v5e", "v6e"]
     chosen = [TPU_DTYPES[a] for a in args.targets if a in TPU_DTYPES] or list(TPU_DTYPES.values())

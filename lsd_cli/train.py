@@ -169,7 +169,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if dist is not None:
         jax.distributed.initialize(**dist)
 
-    from lsd_train import sharding, trainer  # lazy: Flax, optax, orbax, grain: this command's
+    from lsd_train import sharding, trainer  # lazy: Flax, optax, orbax, grain: this command only
 
     if args.aot_only:
         mesh = sharding.make_mesh(cfg.mesh)
@@ -201,7 +201,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_bench_train(args: argparse.Namespace) -> int:
-    from lsd_train.bench import bench_train  # lazy: Flax, optax, orbax: this command's
+    from lsd_train.bench import bench_train  # lazy: the trainer, for this command only
 
     result = bench_train(config_from_args(args), steps=args.steps, warmup=args.warmup)
     if args.json:
@@ -231,7 +231,7 @@ def _run_bench_train(args: argparse.Namespace) -> int:
 
 
 def _run_ship_demo(args: argparse.Namespace) -> int:
-    from lsd_train.ship_demo import dir_bytes, ship  # lazy: Flax and the model, this command's
+    from lsd_train.ship_demo import dir_bytes, ship  # lazy: Flax and the model, this command only
 
     dest = ship(args.workdir, args.command, overrides=tuple(args.overrides))
     print(f"wrote {dest} ({dir_bytes(dest):,} bytes)")
@@ -242,7 +242,7 @@ def _run_ship_demo(args: argparse.Namespace) -> int:
 
 
 def _run_cost_model(args: argparse.Namespace) -> int:
-    from lsd_train.cost_model import cost_table  # lazy: the trainer, this command's
+    from lsd_train.cost_model import cost_table  # lazy: the trainer, for this command only
 
     # Before the backend starts: simulated CPU devices for compiling without the hardware.
     jax.config.update("jax_platforms", "cpu")

@@ -142,7 +142,7 @@ class VAECodec:
 
 def load_codec(directory) -> VAECodec:
     """The `oasis_vae` codec of a checkpoint directory written by `lsd convert oasis`."""
-    from lsd_jax.vae import load_vae
+    from lsd_jax.vae import load_vae  # lazy: Flax; the pixel codec and artifacts run without it
 
     return VAECodec(load_vae(directory))
 

@@ -37,6 +37,8 @@ from lsd_jax.attention import XLA
 from lsd_jax.config import Config
 from lsd_jax.lowering import UNGUARANTEED_CALLS, custom_calls
 from lsd_jax.norm import XLA as NORM_XLA
+from lsd_jax.streaming import cache_size
+from lsd_kernels import triton_aot
 
 # H100 SXM, dense bfloat16 tensor cores and HBM3 (NVIDIA's data sheet).
 H100_PEAK_FLOPS = 989e12
@@ -63,8 +65,6 @@ def _normal(key, shape, dtype):
 def cases(cfg: Config, frames: int = 2) -> list[Case]:
     """The kernels at `cfg`'s shapes: `frames` frames for the spatial and norm kernels, one
     streamed frame against the full ring for the temporal one."""
-    from lsd_jax.streaming import cache_size
-
     m = cfg.model
     h, d = m.num_heads, m.hidden_size
     e, n = d // h, m.tokens_per_frame
@@ -148,7 +148,7 @@ def _custom_calls(case: Case, args, platform: str, name: str) -> list[str]:
 
 def _tpu_compile(case: Case, args) -> dict:
     try:
-        from lsd_kernels import tpu_aot
+        from lsd_kernels import tpu_aot  # lazy: sets libtpu's env vars; backend up first
     except ImportError as err:
         return {"skipped": f"lsd_kernels.tpu_aot unavailable: {err}"}
     try:
@@ -223,8 +223,6 @@ def bench_kernels(cfg: Config, *, frames: int = 2, repeats: int = 20, tpu: bool 
 
 def _sm90() -> dict:
     try:
-        from lsd_kernels import triton_aot
-
         return triton_aot.compile_stats()
     except Exception as err:  # noqa: BLE001 - reported: triton may be absent on this machine
         return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lsd_jax.attention import XLA, AttentionImpl
 from lsd_jax.norm import NormImpl
-from lsd_kernels import flash_spatial, norm_modulate, ring_temporal
+from lsd_kernels import flash_spatial, norm_modulate, ring_temporal, triton_ring
 from lsd_kernels.backends import BACKENDS, Backend
 
 
@@ -31,9 +31,8 @@ PALLAS_TPU_INTERPRET = attention(BACKENDS["tpu_interpret"])
 
 def jax_triton_attention() -> AttentionImpl:
     """The Pallas Triton flash spatial kernel with the ring-buffer attention written in Triton and
-    called through jax-triton (`triton_ring`, imported when first called: CUDA only)."""
-    from lsd_kernels import triton_ring
-
+    called through jax-triton (`triton_ring`, which imports triton and jax-triton when the kernel
+    is first called: CUDA only)."""
     return AttentionImpl(PALLAS_TRITON.spatial, XLA.temporal_band, triton_ring.temporal_cache)
 
 

@@ -32,6 +32,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from lsd_kernels.impls import NORM_TPU, PALLAS_TPU  # noqa: E402
+
 TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v5p": "v5p:2x2x1", "v7x": "tpu7x:2x2x1"}
 # Oasis-like streaming shape: batch, frames, tokens (18 x 32), heads, head dim, hidden, ring
 # slots, temporal window.
@@ -118,8 +120,6 @@ def compile_for_tpu(fn: Callable, *args: Any, topology: str = "v5e:2x2",
 def kernel_cases(dtype: Any = jnp.bfloat16, **shape: int) -> dict[str, tuple[Callable, list]]:
     """`{name: (fn, abstract args)}` of each Mosaic TPU kernel (`KERNELS`) at `OASIS` (or
     `shape` overrides), for `compile_for_tpu`; `spatial_grad` is `jax.grad` through `spatial`."""
-    from lsd_kernels.impls import NORM_TPU, PALLAS_TPU
-
     p = {**OASIS, **shape}
     b, t, n, h, e, d, s, w = (p[k] for k in ("b", "t", "n", "h", "e", "hidden", "slots",
                                              "window"))

@@ -122,8 +122,7 @@ def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
     `overrides` apply to a stored model's config)."""
     if artifact is not None:
         return artifact_engine(artifact)
-    # lazy: an artifact is served without Flax or the model code (lsd_serve.artifact)
-    from lsd_serve.model_engine import resolved_engine
+    from lsd_serve.model_engine import resolved_engine  # lazy: an artifact needs no Flax or model
 
     return resolved_engine(checkpoint, cfg=cfg, max_steps=max_steps, seed=seed,
                            overrides=overrides)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from lsd_jax.config import Config
+from lsd_train.eval_data import heldout_pairs
 
 COLOR_MAPS = ("affine", "quadratic")
 BASELINES = ("copy_input", *COLOR_MAPS)
@@ -53,8 +54,6 @@ def apply_color_map(coef: np.ndarray, cond: np.ndarray, kind: str) -> np.ndarray
 
 def fit_baselines(cfg: Config, tasks: str = "all") -> dict[str, dict[str, np.ndarray]]:
     """`{task: {kind: coef}}`: every colour map fitted on the task's validation clips."""
-    from lsd_train.eval_data import heldout_pairs
-
     names, _, cond, target, _ = heldout_pairs(cfg, clips=FIT_CLIPS, frames=FIT_FRAMES,
                                               seed=FIT_SEED, tasks=tasks, split="validation")
     fits = {}

@@ -69,7 +69,10 @@ import math
 import re
 from collections.abc import Sequence
 
-from lsd_jax.config import Config
+import jax
+
+from lsd_jax.bench import cost_analysis_flops
+from lsd_jax.config import Config, MeshConfig, load_config, resolve_config
 from lsd_jax.flops import (
     _TRIP_COUNT,
     _attr,
@@ -78,6 +81,9 @@ from lsd_jax.flops import (
     hlo_matmul_flops,
     parse_hlo,
 )
+from lsd_jax.history_aug import enabled_corruptions
+from lsd_jax.objectives import num_shortcut_clips
+from lsd_train import sharding, trainer
 
 # ----------------------------------------------------------------------------- hardware
 
@@ -582,9 +588,6 @@ def train_step_flops(cfg: Config) -> dict[str, int]:
     self-prediction; `shortcut_targets`: two no-gradient forwards per shortcut clip. `total`, the
     model FLOPs of MFU, is their sum; remat recompute is not model work and is not counted.
     """
-    from lsd_jax.history_aug import enabled_corruptions
-    from lsd_jax.objectives import num_shortcut_clips
-
     m, d = cfg.model, cfg.model.hidden_size
     b, t = cfg.train.batch_size, cfg.data.clip_frames
     if b < 1:
@@ -607,8 +610,6 @@ def step_costs(compiled, *, n_devices: int | None = None, cfg: Config | None = N
 
     `n_devices` defaults to the executable's device count; `cfg` (batch size resolved) adds the
     analytic model FLOPs of the whole step (`model_flops`, all devices together)."""
-    from lsd_jax.bench import cost_analysis_flops
-
     text = compiled.as_text()
     if n_devices is None:
         match = re.search(r"num_partitions=(\d+)", text.split("\n", 1)[0])
@@ -697,11 +698,6 @@ def config_costs(name: str, *, devices: int = 8, mesh: tuple[int, int, int] = (1
     """Compile the train step of the config `name` (a packaged config's name or a file,
     `lsd_jax.config.resolve_config`) on `devices` local devices with the mesh `(data, fsdp,
     tensor)` and return its `step_costs` plus the config's name, batch and mesh."""
-    import jax
-
-    from lsd_jax.config import MeshConfig, load_config, resolve_config
-    from lsd_train import sharding, trainer
-
     if jax.device_count() < devices:
         raise RuntimeError(f"{devices} devices wanted, {jax.device_count()} available: run with "
                            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} or use "

@@ -8,6 +8,9 @@ import numpy as np
 
 from lsd_jax.config import Config
 from lsd_jax.errors import ConfigError
+from lsd_jax.prompt import make_prompt_encoder
+from lsd_train.data import ProceduralClips, photograph, split_photographs
+from lsd_train.tasks import select_tasks
 
 EVAL_SPLITS = ("heldout", "validation", "unseen")
 # "validation": the training photographs under camera seeds training never draws; "unseen":
@@ -24,10 +27,6 @@ def heldout_pairs(cfg: Config, *, clips: int, frames: int, seed: int = 0, tasks:
 
     cond/target uint8 `[n_tasks * clips, frames, H, W, 3]` (task-major); prompt vectors
     `[n_tasks * clips, P]` or None for a model without prompts."""
-    from lsd_jax.prompt import make_prompt_encoder
-    from lsd_train.data import ProceduralClips
-    from lsd_train.tasks import select_tasks
-
     m = cfg.model
     if split not in EVAL_SPLITS:
         raise ConfigError(f"eval split {split!r}, expected one of {EVAL_SPLITS}")
@@ -63,8 +62,6 @@ class EndlessPath:
     """
 
     def __init__(self, cfg: Config, *, seed: int = 0, period: int = 1000):
-        from lsd_train.data import photograph, split_photographs
-
         if period < 8:
             raise ConfigError(f"drift period={period}, expected >= 8 frames")
         m = cfg.model

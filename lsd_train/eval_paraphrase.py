@@ -15,6 +15,10 @@ import numpy as np
 
 from lsd_jax.errors import ConfigError
 from lsd_jax.progress import progress_bar
+from lsd_jax.prompt import make_prompt_encoder
+from lsd_train.eval_data import heldout_pairs
+from lsd_train.evaluate import clip_psnr, stream_batch
+from lsd_train.tasks import PARAPHRASES, TASKS
 
 
 def evaluate_paraphrases(model, *, steps: int = 3, clips: int = 2, frames: int = 12,
@@ -23,11 +27,6 @@ def evaluate_paraphrases(model, *, steps: int = 3, clips: int = 2, frames: int =
     (vs its own task), "best_other", "other_task", "margin"}` (means over `clips` clips of
     `frames` frames at `steps` steps); `"min_margin"` over all paraphrases and `"all_closer"`
     (every paraphrase margin > 0)."""
-    from lsd_jax.prompt import make_prompt_encoder
-    from lsd_train.eval_data import heldout_pairs
-    from lsd_train.evaluate import clip_psnr, stream_batch
-    from lsd_train.tasks import PARAPHRASES, TASKS
-
     encoder = make_prompt_encoder(model.cfg)
     if encoder is None:
         raise ConfigError(f"model {model.label!r} takes no prompt: nothing to paraphrase")

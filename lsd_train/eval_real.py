@@ -22,7 +22,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lsd_jax.codec import resize_and_crop
 from lsd_jax.errors import ConfigError
+from lsd_jax.prompt import make_prompt_encoder
+from lsd_train.eval_report import labelled_row, save_jpeg
+from lsd_train.evaluate import clip_psnr, frame_change, stream_batch
+from lsd_train.tasks import TASKS
 
 REAL_PROMPTS = ("a pencil sketch", "a thermal camera image", "a cartoon with bold outlines",
                 "an old sepia photograph")
@@ -34,8 +39,6 @@ def gif_clip(frame_hw: tuple[int, int]) -> np.ndarray:
     """scikit-image's animated GIF, each frame centre-cropped and resized: uint8 `[24, H, W, 3]`."""
     import imageio.v3 as iio
     import skimage
-
-    from lsd_jax.codec import resize_and_crop
 
     path = Path(skimage.__file__).parent / "data" / "no_time_for_that_tiny.gif"
     frames = np.asarray(iio.imread(path, index=None))[..., :3]
@@ -83,10 +86,6 @@ def evaluate_real(model, *, prompts=REAL_PROMPTS, clips=REAL_CLIPS, steps: int =
     {"task", "psnr", "flicker_ratio"}}}}, "samples": {name: {"input": [T, H, W, 3], "outputs":
     [P, T, H, W, 3]}}}`; `task` and `psnr` are None for a prompt that names no task.
     """
-    from lsd_jax.prompt import make_prompt_encoder
-    from lsd_train.evaluate import clip_psnr, frame_change, stream_batch
-    from lsd_train.tasks import TASKS
-
     if not prompts:
         raise ConfigError("lsd eval real: expected at least one prompt")
     cfg = model.pixel_cfg
@@ -116,8 +115,6 @@ def evaluate_real(model, *, prompts=REAL_PROMPTS, clips=REAL_CLIPS, steps: int =
 def real_strip(result: dict, name: str, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
     """One picture for clip `name`: rows the input then each prompt's output, `frames` evenly
     spaced frames per row, upscaled `scale`x, each row labelled above."""
-    from lsd_train.eval_report import labelled_row, save_jpeg
-
     sample = result["samples"][name]
     clip, outs = sample["input"], sample["outputs"]
     idx = np.linspace(0, clip.shape[0] - 1, frames).round().astype(int)

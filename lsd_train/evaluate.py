@@ -27,13 +27,27 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
+from lsd_jax import resolve
+from lsd_jax.checkpoint import load_config_from
+from lsd_jax.codec import make_codec
 from lsd_jax.config import Config
 from lsd_jax.errors import CheckpointError, ConfigError
+from lsd_jax.model import model_from_params
 from lsd_jax.progress import progress_bar
-from lsd_jax.stream_state import stream_frames
+from lsd_jax.prompt import make_prompt_encoder
+from lsd_jax.stream_state import StreamState, stream_frames
+from lsd_jax.streaming import init_stream, make_step
+from lsd_train.baselines import BASELINES, baseline_outputs, fit_baselines, floor_of
 from lsd_train.eval_data import EndlessPath, heldout_pairs
+from lsd_train.latents import pixel_twin
+from lsd_train.tasks import task_named
+from lsd_train.trainer import init_state
 
 QUALITY_STEPS = (1, 2, 3, 4, 8, 12)
 TEMPORAL_TASKS = ("motion_trails",)
@@ -60,15 +74,11 @@ class EvalModel(NamedTuple):
         the pixel-space twin at its codec's frame size."""
         if self.codec is None or self.codec.name == "pixel":
             return self.cfg
-        from lsd_train.latents import pixel_twin
-
         return pixel_twin(self.cfg, self.codec.frame_hw)
 
     def step(self, steps: int):
         """The jitted streaming step at `steps` denoising steps, bound to these weights (and the
         codec's): `(state, frame_bhwc, prompt_bp=None) -> (state, out_bhwc)`."""
-        from lsd_jax.streaming import make_step
-
         step = make_step(self.cfg, self.graphdef, steps=steps, codec=self.codec)
         if self.codec is None:
             return partial(step, self.state)
@@ -78,18 +88,15 @@ class EvalModel(NamedTuple):
 def resolve_model(spec: str, overrides=()) -> EvalModel:
     """The model named by `spec` (see the module docstring); errors name the spec. `overrides`
     (`key.path=value`) apply to its stored config: how it runs, not its shapes."""
-    from flax import nnx
-
     label, _, path_spec = spec.rpartition("=") if "=" in spec else ("", "", spec)
     path_spec = path_spec.strip()
     if not path_spec:
         raise CheckpointError(f"model spec {spec!r} names no model, expected 'demo', a model "
                               "directory, a training work directory or WORKDIR@STEP")
-    from lsd_jax.resolve import resolve_model
 
     codec_dir = None
     if path_spec == "demo":
-        cfg, model = resolve_model(overrides=overrides)[:2]
+        cfg, model = resolve.resolve_model(overrides=overrides)[:2]
     elif "@" in path_spec:
         workdir, _, step_text = path_spec.rpartition("@")
         try:
@@ -102,14 +109,12 @@ def resolve_model(spec: str, overrides=()) -> EvalModel:
             codec_dir = Path(workdir) / "model"
     else:
         try:
-            resolved = resolve_model(path_spec, overrides=overrides)
+            resolved = resolve.resolve_model(path_spec, overrides=overrides)
         except CheckpointError as err:
             raise CheckpointError(f"model spec {spec!r}: {err}") from None
         cfg, model, codec_dir = resolved.cfg, resolved.model, resolved.codec_dir
     codec = None
     if cfg.codec != "pixel":
-        from lsd_jax.codec import make_codec
-
         codec = make_codec(cfg, codec_dir)
     graphdef, state = nnx.split(model)
     return EvalModel(label or path_spec, path_spec, cfg, graphdef, state, codec)
@@ -117,13 +122,6 @@ def resolve_model(spec: str, overrides=()) -> EvalModel:
 
 def load_training_step(workdir: Path, step: int, overrides=()):
     """`(cfg, model)` holding the EMA weights of training checkpoint `step` in `workdir`."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from lsd_jax.checkpoint import load_config_from
-    from lsd_jax.model import model_from_params
-    from lsd_train.trainer import init_state
-
     if not (workdir / "model" / "config.json").is_file():
         raise CheckpointError(f"{str(workdir)!r} is not a training work directory (no "
                               "model/config.json)")
@@ -191,8 +189,6 @@ def stream_batch(model: EvalModel, cond_bthwc: np.ndarray, prompt_bp: np.ndarray
                  steps: int, seed: int = 0, on_frame=None) -> np.ndarray:
     """Stream `b` uint8 clips `[b, T, H, W, 3]` side by side through the jitted streaming step
     at `steps` denoising steps; returns the uint8 outputs `[b, T, H, W, 3]`."""
-    from lsd_jax.streaming import init_stream
-
     batch, frames = cond_bthwc.shape[:2]
     outs = []
     for item in stream_frames(model.step(steps), init_stream(model.cfg, batch, seed),
@@ -246,8 +242,6 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
             if k == sample_k:
                 samples = {"cond": cond[::clips], "out": out[::clips], "target": target[::clips]}
     if baselines:
-        from lsd_train.baselines import BASELINES, baseline_outputs, fit_baselines, floor_of
-
         fits = fit_baselines(model.pixel_cfg, tasks)
         for ti, name in enumerate(names):
             rows = range(ti * clips, (ti + 1) * clips)
@@ -346,13 +340,6 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
     first/last over `period` frames each (the same input frames when `frames` is a multiple of
     `period`), and `frames_kept` {i: (input, output, target)} for the indices in `keep_frames`.
     """
-    import jax.numpy as jnp
-
-    from lsd_jax.prompt import make_prompt_encoder
-    from lsd_jax.stream_state import StreamState
-    from lsd_jax.streaming import init_stream
-    from lsd_train.tasks import task_named
-
     if frames < 2 * period:
         raise ConfigError(f"drift frames={frames}, expected >= 2 * period ({2 * period}) so the "
                           "first and last periods do not overlap")

@@ -20,10 +20,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lsd_jax.config import Config
+from lsd_jax.model import abstract_model, model_from_params
 from lsd_jax.progress import progress_bar
+from lsd_jax.streaming import init_stream, make_step
 from lsd_jax.video import Mp4Writer
+from lsd_train.data import make_dataset
 
 SAMPLE_FPS = 8
 
@@ -112,8 +116,6 @@ class Metrics:
         """The first clip of the procedural held-out split (whatever the training source, so
         samples of every run are comparable and never training data)."""
         if self._heldout is None:
-            from lsd_train.data import make_dataset
-
             cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data,
                                                                          source="procedural"))
             batch = next(iter(make_dataset(cfg, split="heldout", batch_size=1)))
@@ -133,11 +135,6 @@ def stream_clip(cfg: Config, params: dict, cond_thwc: np.ndarray,
                 prompt_p: np.ndarray | None) -> np.ndarray:
     """Restyle a uint8 clip `[T, H, W, 3]` frame by frame with the streaming step (what `lsd
     stream` runs); returns uint8 `[T, H, W, 3]`."""
-    from flax import nnx
-
-    from lsd_jax.model import model_from_params
-    from lsd_jax.streaming import init_stream
-
     _, state = nnx.split(model_from_params(cfg.model, params))
     step = _stream_step(cfg)
     stream = init_stream(cfg, 1, cfg.seed)
@@ -152,9 +149,4 @@ def stream_clip(cfg: Config, params: dict, cond_thwc: np.ndarray,
 @functools.cache
 def _stream_step(cfg: Config):
     """The jitted streaming step of `cfg`, built once per run (its graph does not change)."""
-    from flax import nnx
-
-    from lsd_jax.model import abstract_model
-    from lsd_jax.streaming import make_step
-
     return make_step(cfg, nnx.split(abstract_model(cfg.model))[0])

@@ -29,8 +29,7 @@ SMALL_OASIS = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "mo
 
 @pytest.fixture(scope="module")
 def world():
-    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes
-    from lsd_jax.interop.parity import random_state_dict
+    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes, random_state_dict
     from lsd_jax.model import model_from_params
 
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS)
@@ -116,11 +115,11 @@ def weight_files(tmp_path_factory):
     pytest.importorskip("safetensors")
     from lsd_jax.interop.convert import (
         dit_torch_shapes,
+        random_state_dict,
         save_safetensors,
         vae_config,
         vae_torch_shapes,
     )
-    from lsd_jax.interop.parity import random_state_dict
 
     root = tmp_path_factory.mktemp("oasis_files")
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS)

@@ -2,6 +2,7 @@
 
     params = dit_from_torch(model_cfg, state_dict)      # nested dict, `model_from_params`-ready
     state_dict = dit_to_torch(model_cfg, params)        # {torch key: numpy array}
+    state_dict = random_state_dict(dit_torch_shapes(model_cfg), seed=0)  # random weights
     vae_params = vae_from_torch(vae_cfg, state_dict); vae_to_torch(vae_cfg, vae_params)
     state_dict = load_state_dict(path)                  # .safetensors, or a torch .pt/.pth/.bin
     save_safetensors(path, state_dict)
@@ -246,6 +247,18 @@ def dit_to_torch(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     `nnx.Param`s or its pure dict)."""
     params = _pure(params)
     return _to_torch(_entries(_dit_modules(cfg), params), params, cfg.channels + cfg.cond_channels)
+
+
+def random_state_dict(shapes: dict, seed: int = 0, gain: float = 0.7) -> dict:
+    """Random torch-layout weights for `shapes` (`dit_torch_shapes`), distributed as
+    `model.randomize` draws them: weights `N(0, gain^2 / fan_in)`, biases `N(0, 0.1^2)`. Every
+    parameter is random, adaLN-Zero ones included, so no block is the identity."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in shapes.items():
+        std = 0.1 if len(shape) == 1 else gain / np.sqrt(np.prod(shape[1:]))
+        out[key] = (std * rng.standard_normal(shape)).astype(np.float32)
+    return out
 
 
 # ----------------------------------------------------------------------------- VAE
