@@ -95,7 +95,10 @@ class BertLayer(nnx.Module):
     def __call__(self, x_bld: jax.Array, mask_bl: jax.Array) -> jax.Array:
         b, length, d = x_bld.shape
         h = self.num_heads
-        split = lambda t: t.reshape(b, length, h, d // h)  # noqa: E731
+
+        def split(t):
+            return t.reshape(b, length, h, d // h)
+
         q, k, v = split(self.query(x_bld)), split(self.key(x_bld)), split(self.value(x_bld))
         scores_bhqk = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=_HIGHEST) / np.sqrt(d // h)
         keep_b11k = mask_bl[:, None, None, :].astype(bool)

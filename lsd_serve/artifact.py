@@ -102,7 +102,10 @@ class Artifact:
     def init_state(self, batch: int, seed: int = 0) -> StreamState:
         """An empty stream state for `batch` streams."""
         shapes = self._inputs(batch)
-        zeros = lambda n: jnp.zeros(shapes[n]["shape"], dtype_of(shapes[n]["dtype"]))  # noqa: E731
+
+        def zeros(name: str):
+            return jnp.zeros(shapes[name]["shape"], dtype_of(shapes[name]["dtype"]))
+
         return StreamState(cache_k=zeros("cache_k"), cache_v=zeros("cache_v"), slot=zeros("slot"),
                            num_valid=zeros("num_valid"), rng=jax.random.PRNGKey(seed))
 

@@ -119,6 +119,11 @@ def bench_serve(engine: Engine, *, sessions=(1, 2, 4), frames: int = 200, steps:
             "jax_version": jax.__version__, "runs": runs}
 
 
+def _copy_state(state):
+    """A copy of a stream state that a step can consume (the step donates its state)."""
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+
+
 def bench_long_stream(engine: Engine, *, frames: int = 10_000, steps: int | None = None,
                       window: int = 100, reps: int = 200, show_progress: bool = True,
                       seed: int = 0) -> dict:
@@ -140,7 +145,6 @@ def bench_long_stream(engine: Engine, *, frames: int = 10_000, steps: int | None
     pad = state.batch - 1
     pool = [np.concatenate([f] * (1 + pad)) for f in pool]
     prompt_bp = engine.encode_prompts(["a watercolor painting"] * (1 + pad))
-    copy = lambda s: jax.tree.map(lambda a: jnp.array(a, copy=True), s)  # noqa: E731 (the step donates)
     latencies_s = np.zeros(frames)
     early_from = 100 - window // 2
     rss, kept = {}, {}
@@ -155,7 +159,7 @@ def bench_long_stream(engine: Engine, *, frames: int = 10_000, steps: int | None
                               description=f"streaming {frames} frames"):
             latencies_s[item.index] = item.seconds
             if item.index == 99:
-                kept["early"] = copy(item.state)  # the state entering frame 100
+                kept["early"] = _copy_state(item.state)  # the state entering frame 100
             if item.index == early_from + window - 1:
                 rss["early"] = _rss_mb()
     rss["late"] = _rss_mb()
@@ -163,7 +167,7 @@ def bench_long_stream(engine: Engine, *, frames: int = 10_000, steps: int | None
     paired_s = {"early": [], "late": []}
     for r in range(2 * reps):
         which = ("early", "late")[r % 2]
-        trial = copy(kept[which])
+        trial = _copy_state(kept[which])
         t0 = time.perf_counter()
         _, out = engine.step(trial, pool[r % len(pool)], prompt_bp, steps)
         jax.block_until_ready(out)

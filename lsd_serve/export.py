@@ -39,6 +39,10 @@ from lsd_jax.streaming import init_stream, make_step
 from lsd_serve.artifact import FORMAT, MAGIC, VERSION, variant_name
 
 
+def _abstract(array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(array), array.dtype)
+
+
 def _spec(shape, dtype) -> dict:
     return {"shape": [int(d) for d in shape], "dtype": np.dtype(dtype).name}
 
@@ -112,12 +116,11 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
         params_meta.append({**_spec(leaf.shape, leaf.dtype), "offset": offset})
         offset += leaf.nbytes
     blobs = {"weights": weights}
-    sds = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
     shapes: dict[str, dict] = {}
     calls: set[str] = set()
     for batch in batches:
         state = init_stream(cfg, batch, 0)
-        args = [[sds(leaf) for leaf in leaves_np], *map(sds, state),
+        args = [[_abstract(leaf) for leaf in leaves_np], *map(_abstract, state),
                 jax.ShapeDtypeStruct((batch, *codec.frame_shape), jnp.uint8)]
         names = [*STATE_FIELDS, "frame_bhwc"]
         if m.prompt_dim:

@@ -112,19 +112,23 @@ def evaluate_real(model, *, prompts=REAL_PROMPTS, clips=REAL_CLIPS, steps: int =
             "clips": results, "seconds": time.perf_counter() - t0, "samples": samples}
 
 
+def _gap(height: int) -> np.ndarray:
+    """A white column 4 pixels wide between the frames of a strip."""
+    return np.full((height, 4, 3), 255, np.uint8)
+
+
 def real_strip(result: dict, name: str, path: Path, *, frames: int = 4, scale: int = 2) -> Path:
     """One picture for clip `name`: rows the input then each prompt's output, `frames` evenly
     spaced frames per row, upscaled `scale`x, each row labelled above."""
     sample = result["samples"][name]
     clip, outs = sample["input"], sample["outputs"]
     idx = np.linspace(0, clip.shape[0] - 1, frames).round().astype(int)
-    gap = lambda h: np.full((h, 4, 3), 255, np.uint8)  # noqa: E731
     labelled = []
     for label, seq in [("input", clip), *((f'"{p}"', o) for p, o in
                                            zip(result["prompts"], outs, strict=True))]:
         cells = []
         for i in idx:
-            cells += [seq[i], gap(seq.shape[1])]
+            cells += [seq[i], _gap(seq.shape[1])]
         row = np.concatenate(cells[:-1], axis=1)
         labelled.append(labelled_row(row, f"{label}  (frames {', '.join(map(str, idx))})",
                                      scale=scale))

@@ -86,12 +86,16 @@ def logical_axes(model) -> dict:
     return nnx.to_pure_dict(axes) if isinstance(axes, nnx.State) else axes
 
 
+def _is_axes(x) -> bool:
+    """A leaf of the logical-axes tree: a tuple of axis names (or None)."""
+    return isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)
+
+
 def param_shardings(abstract_params: dict, axes: dict, mesh: Mesh) -> dict:
     """`NamedSharding` per parameter, from its logical axes and the rule table."""
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)  # noqa: E731
     return jax.tree.map(
         lambda a, p: NamedSharding(mesh, logical_to_spec(a, p.shape, mesh)), axes,
-        abstract_params, is_leaf=is_axes)
+        abstract_params, is_leaf=_is_axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -199,8 +199,13 @@ def generate(cfg: Config, model, codec, start_frames_thwc: np.ndarray, actions_t
     graphdef, vae_state = nnx.split(codec.vae)
     encode_fn = jax.jit(lambda s, f: VAECodec(nnx.merge(graphdef, s)).encode(f))
     decode_fn = jax.jit(lambda s, z: VAECodec(nnx.merge(graphdef, s)).decode(z))
-    encode = lambda f: encode_fn(vae_state, f)  # noqa: E731
-    decode = lambda z: decode_fn(vae_state, z)  # noqa: E731
+
+    def encode(frames):
+        return encode_fn(vae_state, frames)
+
+    def decode(latents):
+        return decode_fn(vae_state, latents)
+
     start_bthwc = jnp.stack([encode(f[None]) for f in start_frames_thwc], 1)
     latents = SAMPLERS[mode](cfg, model, start_bthwc, jnp.asarray(actions_tx)[None], num_frames,
                              jax.random.PRNGKey(seed))

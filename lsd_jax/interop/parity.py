@@ -136,6 +136,11 @@ def _torch(a):
     return None if a is None else torch.from_numpy(np.array(a))
 
 
+def _frame(a, i: int):
+    """Frame `i` of per-frame inputs `[b, t, ...]` (None stays None)."""
+    return None if a is None else a[:, i]
+
+
 def _jnp(a):
     return None if a is None else jnp.asarray(a)
 
@@ -221,7 +226,6 @@ def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
                     frames: int | None = None) -> CheckResult:
     frames = 3 * cfg.model.window if frames is None else frames
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, frames)
-    at = lambda a, i: None if a is None else a[:, i]  # noqa: E731
     key = jax.random.PRNGKey(seed)
 
     graphdef, state_params = nnx.split(pair.jax_model)
@@ -229,8 +233,8 @@ def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
     state = init_stream(cfg, batch, key)
     out_jax = []
     for i in range(frames):
-        state, x0 = step(state_params, state, _jnp(at(cond["cond_bthwc"], i)),
-                         _jnp(cond["prompt_bp"]), _jnp(at(cond["external_btx"], i)))
+        state, x0 = step(state_params, state, _jnp(_frame(cond["cond_bthwc"], i)),
+                         _jnp(cond["prompt_bp"]), _jnp(_frame(cond["external_btx"], i)))
         out_jax.append(np.asarray(x0))
 
     noise, ctx_eps = frame_noise(key, batch, cfg.model.frame_shape, frames,
@@ -240,8 +244,9 @@ def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
     out_torch = []
     for i in range(frames):
         torch_state, x0 = torch_step(torch_state, _torch(noise[i]),
-                                     _torch(at(cond["cond_bthwc"], i)), _torch(cond["prompt_bp"]),
-                                     _torch(at(cond["external_btx"], i)), _torch(ctx_eps[i]))
+                                     _torch(_frame(cond["cond_bthwc"], i)),
+                                     _torch(cond["prompt_bp"]),
+                                     _torch(_frame(cond["external_btx"], i)), _torch(ctx_eps[i]))
         out_torch.append(x0.numpy())
     return compare("streaming", np.stack(out_jax, 1), np.stack(out_torch, 1),
                    f"{batch} streams x {frames} frames, {cfg.diffusion.sample_steps} steps + "
@@ -279,12 +284,11 @@ def bench_parity_speed(cfg: Config, *, frames: int = 50, warmup: int = 5, batch:
     pair = build_pair(cfg, seed=seed)
     pool = 8
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, pool)
-    at = lambda a, i: None if a is None else a[:, i % pool]  # noqa: E731
 
     graphdef, params = nnx.split(pair.jax_model)
     step = jax.jit(make_latent_step(cfg, graphdef, steps=steps), donate_argnames="state")
-    jax_inputs = [(_jnp(at(cond["cond_bthwc"], i)), _jnp(cond["prompt_bp"]),
-                   _jnp(at(cond["external_btx"], i))) for i in range(pool)]
+    jax_inputs = [(_jnp(_frame(cond["cond_bthwc"], i)), _jnp(cond["prompt_bp"]),
+                   _jnp(_frame(cond["external_btx"], i))) for i in range(pool)]
     state = init_stream(cfg, batch, seed)
     t0 = time.perf_counter()
     compiled = step.lower(params, state, *jax_inputs[0]).compile()
@@ -299,8 +303,8 @@ def bench_parity_speed(cfg: Config, *, frames: int = 50, warmup: int = 5, batch:
     results = {"jax_jit": {"compile_s": jax_compile_s}}
 
     noise, ctx_eps = torch.randn(2, pool, batch, *cfg.model.frame_shape)
-    torch_inputs = [(noise[i], _torch(at(cond["cond_bthwc"], i)), _torch(cond["prompt_bp"]),
-                     _torch(at(cond["external_btx"], i)), ctx_eps[i]) for i in range(pool)]
+    torch_inputs = [(noise[i], _torch(_frame(cond["cond_bthwc"], i)), _torch(cond["prompt_bp"]),
+                     _torch(_frame(cond["external_btx"], i)), ctx_eps[i]) for i in range(pool)]
     variants = [("torch_eager", False)] + ([("torch_compile", True)] if with_compile else [])
     for name, use_compile in variants:
         torch_step = torch_streaming.make_stream_step(cfg, pair.torch_model, steps=steps,
