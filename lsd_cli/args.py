@@ -68,11 +68,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int], help: str, *,
-                config_required: bool = True) -> argparse.ArgumentParser:
-    """A subcommand taking `--config` (required unless `config_required` is False: then None
-    when not given) and trailing `key.path=value` overrides."""
+                demo_default: bool = False) -> argparse.ArgumentParser:
+    """A subcommand taking `--config` and trailing `key.path=value` overrides. `--config` is
+    required, or with `demo_default` may be left out (None): the command then takes the built-in
+    demo model's config."""
     parser = subparsers.add_parser(name, help=help, description=help)
-    parser.add_argument("--config", required=config_required, default=None, help=CONFIG_HELP)
+    parser.add_argument("--config", required=not demo_default, default=None,
+                        help=CONFIG_HELP + ("; default: the built-in demo model's"
+                                            if demo_default else ""))
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override a config field, e.g. model.depth=2")
     parser.set_defaults(run=run)

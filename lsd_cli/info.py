@@ -1,6 +1,7 @@
 """`lsd info`: what a config builds, from its shapes alone (no weights allocated).
 
     lsd info --config tiny [key.path=value ...] [--json]
+    lsd info [key.path=value ...]           # the built-in demo model's config
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from lsd_cli.args import add_command, config_from_args
 from lsd_cli.output import print_rows, si
 from lsd_jax.config import Config
+from lsd_jax.demo import demo_model_dir
 from lsd_jax.flops import dit_flops, streamed_frame_flops
 from lsd_jax.kernels import entry
 
@@ -43,15 +45,27 @@ def describe(cfg: Config) -> dict:
     }
 
 
+def _config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config `--config` names with the overrides, else the built-in demo model's (its
+    stored config, the overrides applied); and where it came from."""
+    if args.config is not None:
+        return config_from_args(args), args.config
+    from lsd_jax.checkpoint import load_config_from  # lazy: Flax, for the demo model's config
+
+    directory = demo_model_dir()
+    return load_config_from(directory, args.overrides), str(directory)
+
+
 def _run_info(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg, source = _config(args)
     info = describe(cfg)
     if args.json:
-        print(json.dumps({"config": args.config, **info}, indent=2))
+        print(json.dumps({"config": source, **info}, indent=2))
         return 0
     gh, gw = info["grid"]
+    shown = source if args.config is not None else f"built-in demo model {source}"
     print_rows([
-        ("config", f"{info['name']} ({args.config})"),
+        ("config", f"{info['name']} ({shown})"),
         ("parameters", f"{info['params_total']:,} total, {info['params_trainable']:,} trainable"),
         ("frame", f"{'x'.join(map(str, info['frame_shape']))} model space, codec {cfg.codec}"),
         ("tokens per frame", f"{info['tokens_per_frame']} ({gh}x{gw} grid of "
@@ -69,5 +83,6 @@ def _run_info(args: argparse.Namespace) -> int:
 def register(commands) -> None:
     """Add `lsd info`."""
     info = add_command(commands, "info", _run_info,
-                       "parameters, FLOPs, tokens per frame, window and steps of a config")
+                       "parameters, FLOPs, tokens per frame, window and steps of a config",
+                       demo_default=True)
     info.add_argument("--json", action="store_true", help="print one JSON object")

@@ -52,6 +52,18 @@ def test_info_overrides_anywhere_after_config(capsys, repo_root):
     assert json.loads(out)["cache_frames"] == 3
 
 
+def test_info_without_config_describes_the_demo_model(capsys):
+    from lsd_jax.checkpoint import load_config_from
+    from lsd_jax.demo import demo_model_dir
+
+    info = _info(capsys)
+    assert info["config"] == str(demo_model_dir())
+    assert info["name"] == load_config_from(demo_model_dir()).name
+    code, out, _ = _run(capsys, "info", "diffusion.sample_steps=1")
+    assert code == 0 and "built-in demo model" in out
+    assert "1 denoising passes" in out
+
+
 def test_info_text_output(capsys, repo_root):
     code, out, _ = _run(capsys, "info", "--config", str(repo_root / "lsd_configs" / "tiny.py"))
     assert code == 0
@@ -104,7 +116,6 @@ def test_oasis_vae_bench_says_what_is_missing(capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["info"],                                             # --config is required
     ["info", "--config", "tiny", "--bogus"],              # unknown option
     ["bench"],                                            # benchmark name missing
     ["bench", "step", "--config", "tiny", "--steps", "0"],
