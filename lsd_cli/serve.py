@@ -28,7 +28,7 @@ from lsd_jax.errors import ConfigError
 from lsd_jax.prompt import NEAR_SIMILARITY
 from lsd_serve.artifact import load_artifact
 from lsd_serve.bench import bench_long_stream, bench_serve
-from lsd_serve.engine import load_engine
+from lsd_serve.load import load_engine
 from lsd_serve.options import ServerOptions
 from lsd_serve.server import serve_forever
 from lsd_serve.stream import check_output, parse_prompt_schedule, run_stream

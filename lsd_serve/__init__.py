@@ -5,7 +5,7 @@ frame loop.
   the weights, a JSON header), written by `lsd export`; `artifact`: its loader, which needs no
   model code.
 - `engine`: one step interface over a checkpoint, an artifact or an untrained model;
-  `model_engine`: the engine of a model run in process.
+  `model_engine`: the engine of a model run in process; `load`: which engine a command runs.
 - `stream`: video file / webcam / packaged demo clip -> output video (`lsd stream`).
 - `server`: `lsd serve`, the application run until interrupted (or in a thread); `app`: its
   routes and handlers (`/`, `/ws`, `/healthz`, `/metrics`), `options`: what it takes, `access`:

@@ -1,5 +1,7 @@
 """One streaming step behind `lsd stream` and `lsd serve`, from a checkpoint, an artifact or an
-untrained model.
+untrained model: the `Engine` interface, and the engine of an artifact (`artifact_engine`, no model
+code); the engine of a model is `lsd_serve.model_engine`, the one a command asks for
+`lsd_serve.load.load_engine`.
 
     engine = load_engine(checkpoint=DIR | artifact=FILE | cfg=Config)
     state = engine.init_state(batch)
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lsd_jax.config import Config
 from lsd_jax.prompt import NEAR_SIMILARITY, nearest_prompt
 from lsd_jax.stream_state import StreamState
 from lsd_serve.artifact import load_artifact
@@ -112,17 +113,3 @@ def artifact_engine(path: str | Path) -> Engine:
                   external_dim=art.header["config"]["model"]["external_cond_dim"],
                   _init_state=art.init_state,
                   _step_for=lambda batch, k: art.step(batch, k), trained_prompts=known)
-
-
-def load_engine(*, checkpoint: str | None = None, artifact: str | None = None,
-                cfg: Config | None = None, max_steps: int | None = None, seed: int = 0,
-                overrides=()) -> Engine:
-    """The engine a command asked for: `artifact`, else the model `lsd_jax.resolve.resolve_model`
-    finds (`checkpoint`, else an untrained model of `cfg`, else the built-in demo model;
-    `overrides` apply to a stored model's config)."""
-    if artifact is not None:
-        return artifact_engine(artifact)
-    from lsd_serve.model_engine import resolved_engine  # lazy: an artifact needs no Flax or model
-
-    return resolved_engine(checkpoint, cfg=cfg, max_steps=max_steps, seed=seed,
-                           overrides=overrides)

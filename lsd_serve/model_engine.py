@@ -2,7 +2,7 @@
 checkpoint, the built-in demo model or an untrained model of a config (`lsd_jax.resolve`).
 
     engine = model_engine(cfg, model, describe="...", untrained=False)
-    engine = resolved_engine(checkpoint=DIR | cfg=Config)   # what load_engine does without artifact
+    engine = resolved_engine(checkpoint=DIR | cfg=Config)   # load_engine without an artifact
 
 It compiles any batch size on first use (`engine.batches` is None) and any step count up to its
 maximum.

@@ -394,7 +394,7 @@ def test_precompile_compiles_each_variant_once(tmp_path, compile_log):
     steps) variant compiles exactly once before the first client, and a session's frames then
     compile nothing."""
     from lsd_jax.checkpoint import save_model
-    from lsd_serve.engine import load_engine
+    from lsd_serve.load import load_engine
 
     cfg = load_config(REPO_ROOT / "lsd_configs" / "tiny.py", SMALL)
     save_model(tmp_path / "model", cfg, untrained_model(cfg, seed=2))

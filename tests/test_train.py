@@ -81,7 +81,7 @@ def test_trained_model_records_its_prompts_and_serving_reads_them(uninterrupted)
     assert saved["trained_prompts"] == [t.prompt for t in TASKS]
     script = f"""
 import sys
-from lsd_serve.engine import load_engine
+from lsd_serve.load import load_engine
 engine = load_engine(checkpoint={str(uninterrupted)!r})
 print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["trained"],
       sorted(m for m in sys.modules if m == "lsd_train" or m.startswith("lsd_train.")))
