@@ -17,6 +17,7 @@ that name. Nothing registers itself on import, and nothing here is imported unti
 - `norm_modulate`: residual + LayerNorm + adaLN modulate fused;
 - `triton_ring`: the ring attention as a `@triton.jit` kernel through jax-triton (CUDA only);
 - `backends`: Triton, Mosaic TPU and the two interpreters; `impls`: the seams built from them;
-- `tpu_aot`, `triton_aot`: ahead-of-time compiles for TPU topologies (libtpu) and sm_90 (triton);
+- `tpu_aot`, `triton_aot`: ahead-of-time compiles for TPU topologies (libtpu) and sm_90 (triton)
+  (`lsd kernels tpu-aot`, `lsd kernels triton-aot`);
 - `bench`: `lsd bench kernels`.
 """
