@@ -142,7 +142,7 @@ class VAECodec:
 
 def load_codec(directory) -> VAECodec:
     """The `oasis_vae` codec of a checkpoint directory written by `lsd convert oasis`."""
-    from lsd_jax.vae import load_vae
+    from lsd_jax.vae import load_vae  # lazy: Flax; the pixel codec and artifacts run without it
 
     return VAECodec(load_vae(directory))
 
@@ -158,7 +158,7 @@ def make_codec(cfg: Config, checkpoint=None) -> PixelCodec | VAECodec:
         raise CodecUnavailableError(
             "codec 'oasis_vae' (the Oasis ViT-VAE: 360x640 frames -> 16x18x32 latents) needs the "
             "converted vit-l-20 weights: a checkpoint written by `lsd convert oasis`, or use a "
-            "pixel-space config such as configs/tiny.py")
+            "pixel-space config such as lsd_configs/tiny.py")
     raise CodecUnavailableError(f"codec {cfg.codec!r} is not one of 'pixel', 'oasis_vae'")
 
 

@@ -609,23 +609,25 @@ def from_dict(data: dict, cls: type = Config) -> Any:
 
 
 def packaged_configs() -> list[str]:
-    """Names of the configs shipped in the `configs` package."""
-    root = importlib.resources.files("configs")
+    """Names of the configs shipped in the `lsd_configs` package."""
+    root = importlib.resources.files("lsd_configs")
     return sorted(p.name[:-3] for p in root.iterdir()
                   if p.name.endswith(".py") and not p.name.startswith("_"))
 
 
 def resolve_config(spec: str) -> Path:
-    """A config file path, or a packaged config's name (`tiny`, `configs/tiny.py` outside the repo).
+    """A config file path, or a packaged config's name (`tiny`, `lsd_configs/tiny.py` outside the
+    repo).
 
-    An existing file wins; otherwise a bare name or a path under a `configs/` folder is looked up
-    by its stem in the `configs` package.
+    An existing file wins; otherwise a bare name or a path under a `lsd_configs/` folder (or
+    `configs/`, its former name) is looked up by its stem in the `lsd_configs` package.
     """
     path = Path(spec)
     if path.is_file() or (path / "config.json").is_file():
         return path
-    if path.suffix in ("", ".py") and (len(path.parts) == 1 or path.parent.name == "configs"):
-        packaged = importlib.resources.files("configs").joinpath(f"{path.stem}.py")
+    if path.suffix in ("", ".py") and (len(path.parts) == 1
+                                       or path.parent.name in ("lsd_configs", "configs")):
+        packaged = importlib.resources.files("lsd_configs").joinpath(f"{path.stem}.py")
         if packaged.is_file():
             return Path(str(packaged))
     raise ConfigError(f"config {spec!r} not found: no such file, and no packaged config of that "

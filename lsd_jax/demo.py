@@ -1,4 +1,4 @@
-"""The built-in demo model: the tiny config trained by `lsd train --config configs/demo.py`
+"""The built-in demo model: the tiny config trained by `lsd train --config demo`
 (see `lsd_jax/demo_model/TRAINING.md` for the exact command, time and figures).
 
 `lsd stream`, `lsd serve`, `lsd export` and `lsd eval` use it when no checkpoint is given

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from lsd_jax.errors import PromptError
-from lsd_jax.prompt import PromptEncoder
+from lsd_jax.minilm_files import MINILM_ID, minilm_dir
+from lsd_jax.prompt_encoder import PromptEncoder
 
 MAX_LENGTH = 256
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
@@ -94,7 +95,10 @@ class BertLayer(nnx.Module):
     def __call__(self, x_bld: jax.Array, mask_bl: jax.Array) -> jax.Array:
         b, length, d = x_bld.shape
         h = self.num_heads
-        split = lambda t: t.reshape(b, length, h, d // h)  # noqa: E731
+
+        def split(t):
+            return t.reshape(b, length, h, d // h)
+
         q, k, v = split(self.query(x_bld)), split(self.key(x_bld)), split(self.value(x_bld))
         scores_bhqk = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=_HIGHEST) / np.sqrt(d // h)
         keep_b11k = mask_bl[:, None, None, :].astype(bool)
@@ -270,8 +274,6 @@ class MiniLMPromptEncoder(PromptEncoder):
 def _load_encoder(directory: str) -> MiniLMPromptEncoder:
     from tokenizers import Tokenizer
 
-    from lsd_jax.minilm_files import MINILM_ID
-
     directory = Path(directory)
     return MiniLMPromptEncoder(load_minilm(directory / "model.safetensors"),
                                Tokenizer.from_file(str(directory / "tokenizer.json")),
@@ -281,6 +283,4 @@ def _load_encoder(directory: str) -> MiniLMPromptEncoder:
 def load_minilm_encoder() -> MiniLMPromptEncoder:
     """The all-MiniLM-L6-v2 prompt encoder from the verified files (`minilm_files.minilm_dir`,
     fetched on first use); one shared instance per directory in a process."""
-    from lsd_jax.minilm_files import minilm_dir
-
     return _load_encoder(str(minilm_dir().resolve()))

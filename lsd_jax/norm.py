@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lsd_jax.kernels import select
+
 
 class NormImpl(NamedTuple):
     norm_modulate: Callable[..., jnp.ndarray]
@@ -28,8 +30,6 @@ class NormImpl(NamedTuple):
 
 def get_norm(name: str, *, dtype: str | None = None, platform: str | None = None) -> NormImpl:
     """The implementation `model.norm_impl = name` (`kernels.select`)."""
-    from lsd_jax.kernels import select
-
     return select("norm", name, dtype=dtype, platform=platform)
 
 

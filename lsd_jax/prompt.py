@@ -13,9 +13,10 @@ that projection is a prompt embedding learned with the model. Encoders are plugg
   norm; its identity names the sha256 of the weights it runs.
 - `PrecomputedPromptEncoder`: a table of embeddings made elsewhere (e.g. a frozen text encoder).
 
-Every encoder keeps a bounded LRU cache of its embeddings per prompt string (`cache_size`
-entries), so switching prompts mid-stream costs a dictionary lookup per frame and a prompt is run
-through the encoder once while it stays among the recent ones. Cached vectors are read-only.
+Every encoder derives from `PromptEncoder` (`lsd_jax.prompt_encoder`), which keeps a bounded LRU
+cache of its embeddings per prompt string (`cache_size` entries), so switching prompts mid-stream
+costs a dictionary lookup per frame and a prompt is run through the encoder once while it stays
+among the recent ones. Cached vectors are read-only.
 
 A model records the identity of the encoder it was trained with (`encoder_record`); loading it
 with another one is an error (`check_encoder_record`). `nearest_prompt` finds, among the prompts
@@ -24,76 +25,20 @@ a model was trained on, the one whose embedding is nearest a new prompt's.
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import math
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from lsd_jax.config import Config
+from lsd_jax.config import PROMPT_ENCODER_DIMS, Config
 from lsd_jax.errors import PromptError
+from lsd_jax.minilm_files import MINILM_ID
+from lsd_jax.prompt_encoder import DEFAULT_CACHE_SIZE, PromptEncoder
 
 _WORD = re.compile(r"[a-z0-9]+")
 HASHED_ID = "hashed-v1"
-DEFAULT_CACHE_SIZE = 1024
-
-
-
-class PromptEncoder(abc.ABC):
-    """Base: `encode(prompt) -> [dim]` (LRU-cached), `encode_batch(prompts) -> [len(prompts), dim]`.
-
-    `name` is short, for messages; `identity` names the function the encoder computes (recorded
-    with trained models); the cache holds the `cache_size` most recently used prompts;
-    `cache_info()` counts hits and misses.
-    """
-
-    dim: int
-    name: str = "unnamed"
-    identity: str = "unnamed"
-
-    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE):
-        if cache_size < 1:
-            raise PromptError(f"prompt cache_size={cache_size}, expected >= 1")
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self._hits = self._misses = 0
-
-    @abc.abstractmethod
-    def _embed(self, prompt: str) -> np.ndarray:
-        """The embedding `[dim]` of one prompt (uncached)."""
-
-    def encode(self, prompt: str) -> np.ndarray:
-        """float32 `[dim]`, read-only; computed once while `prompt` stays in the LRU cache."""
-        with self._lock:
-            vector = self._cache.get(prompt)
-            if vector is not None:
-                self._cache.move_to_end(prompt)
-                self._hits += 1
-                return vector
-        vector = np.array(self._embed(prompt), np.float32)
-        vector.flags.writeable = False
-        with self._lock:
-            self._misses += 1
-            self._cache[prompt] = vector
-            self._cache.move_to_end(prompt)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return vector
-
-    def encode_batch(self, prompts: Sequence[str]) -> np.ndarray:
-        """float32 `[len(prompts), dim]`: one row per stream."""
-        return np.stack([self.encode(p) for p in prompts])
-
-    def cache_info(self) -> dict:
-        """`{"hits", "misses", "size", "max_size"}` of the embedding cache."""
-        with self._lock:
-            return {"hits": self._hits, "misses": self._misses, "size": len(self._cache),
-                    "max_size": self.cache_size}
 
 
 def _word_vector(word: str, dim: int) -> np.ndarray:
@@ -157,6 +102,14 @@ class PrecomputedPromptEncoder(PromptEncoder):
         return self._table[prompt]
 
 
+def _minilm_encoder():
+    """The shared all-MiniLM-L6-v2 encoder (`lsd_jax.minilm`; its files fetched and verified on
+    first use)."""
+    from lsd_jax.minilm import load_minilm_encoder  # lazy: Flax, which hashed prompts skip
+
+    return load_minilm_encoder()
+
+
 def make_prompt_encoder(cfg: Config, table: Mapping[str, np.ndarray] | None = None):
     """The encoder for `cfg`: None when the model takes no prompt (`model.prompt_dim == 0`),
     `PrecomputedPromptEncoder(table)` when a table is given, else the one `prompt.encoder` names
@@ -166,9 +119,7 @@ def make_prompt_encoder(cfg: Config, table: Mapping[str, np.ndarray] | None = No
         return None
     if table is None:
         if cfg.prompt.encoder == "minilm":
-            from lsd_jax.minilm import load_minilm_encoder
-
-            encoder = load_minilm_encoder()
+            encoder = _minilm_encoder()
         else:
             return HashedPromptEncoder(dim)
     else:
@@ -185,8 +136,6 @@ def prompt_encoder_id(cfg: Config) -> str:
     if cfg.model.prompt_dim == 0:
         return "none"
     if cfg.prompt.encoder == "minilm":
-        from lsd_jax.minilm_files import MINILM_ID
-
         return MINILM_ID
     return HASHED_ID
 
@@ -226,13 +175,8 @@ def encoder_from_record(record: dict):
         return None
     if name == "hashed" and identity == HASHED_ID and isinstance(dim, int) and dim > 0:
         return HashedPromptEncoder(dim)
-    from lsd_jax.config import PROMPT_ENCODER_DIMS
-    from lsd_jax.minilm_files import MINILM_ID
-
     if name == "minilm" and identity == MINILM_ID and dim == PROMPT_ENCODER_DIMS["minilm"]:
-        from lsd_jax.minilm import load_minilm_encoder
-
-        return load_minilm_encoder()
+        return _minilm_encoder()
     raise PromptError(f"prompt encoder {name!r} (id {identity!r}, {dim} wide) is not one this lsd "
                       f"computes, expected 'hashed' (id {HASHED_ID!r}) or 'minilm' (id "
                       f"{MINILM_ID!r}, {PROMPT_ENCODER_DIMS['minilm']} wide)")
@@ -247,8 +191,8 @@ def cosine_similarity(a_d: np.ndarray, b_d: np.ndarray) -> float:
 
 # A prompt whose cosine similarity with a trained prompt reaches this is read as a phrasing of it
 # (a paraphrase); below, as far from everything the model was trained on. Under MiniLM the
-# held-out paraphrases of `train/tasks.py` score 0.61-0.93 with their nearest trained prompt, and
-# that prompt is always their own task's; unrelated prompts ("a cat wearing sunglasses", "a bowl
+# held-out paraphrases of `lsd_train/tasks.py` score 0.61-0.93 with their nearest trained prompt,
+# and that prompt is always their own task's; unrelated prompts ("a cat wearing sunglasses", "a bowl
 # of soup", "a photo of a dog") 0.21-0.48.
 NEAR_SIMILARITY = 0.6
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from flax import nnx
+
+from lsd_jax.checkpoint import load_model, load_trained_prompts
 from lsd_jax.config import Config
+from lsd_jax.demo import demo_model_dir
 from lsd_jax.errors import CheckpointError
+from lsd_jax.model import DiT, randomize
 
 
 class ResolvedModel(NamedTuple):
@@ -29,10 +34,6 @@ class ResolvedModel(NamedTuple):
 
 def untrained_model(cfg: Config, seed: int = 0):
     """Random weights (`randomize`: the adaLN-Zero init would make the model the identity)."""
-    from flax import nnx
-
-    from lsd_jax.model import DiT, randomize
-
     return randomize(DiT(cfg.model, rngs=nnx.Rngs(seed)), seed=seed)
 
 
@@ -53,8 +54,6 @@ def resolve_model(checkpoint: str | Path | None = None, *, cfg: Config | None = 
     """`checkpoint` (a model directory or a training work directory), else an untrained model of
     `cfg` with weights from `seed`, else the built-in demo model. `overrides` apply to a stored
     config (how the model runs, not its shapes)."""
-    from lsd_jax.checkpoint import load_model, load_trained_prompts
-
     if checkpoint is not None:
         directory = model_directory(checkpoint)
         ckpt_cfg, model = load_model(directory, overrides)
@@ -62,8 +61,6 @@ def resolve_model(checkpoint: str | Path | None = None, *, cfg: Config | None = 
         return ResolvedModel(ckpt_cfg, model, f"checkpoint {checkpoint}", False,
                              load_trained_prompts(directory), codec_dir)
     if cfg is None:
-        from lsd_jax.demo import demo_model_dir
-
         directory = demo_model_dir()
         demo_cfg, model = load_model(directory, overrides)
         return ResolvedModel(demo_cfg, model, f"built-in demo model {directory}", False,

@@ -1,7 +1,7 @@
 """The state of the streaming step as a named contract, and how a server keeps streams apart.
 
 `StreamState` is what `lsd_jax.streaming.make_step` takes and returns (donated) and, flattened in
-the order of `STATE_FIELDS`, the state arguments of an exported step (`serve/export.py`). Code
+the order of `STATE_FIELDS`, the state arguments of an exported step (`lsd_serve/artifact.py`). Code
 outside this module uses its fields by name.
 
 A server keeps each client's history on its own as a `SessionCache` and runs the clients that have

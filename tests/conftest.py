@@ -15,7 +15,7 @@ import pytest
 from lsd_jax.config import Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
+CONFIGS = REPO_ROOT / "lsd_configs"
 
 
 def rel_err(a, b) -> float:

@@ -1,4 +1,4 @@
-"""The argparse types of `lsd_jax.args`, alone and as the `lsd` commands use them."""
+"""The argparse types of `lsd_cli.args`, alone and as the `lsd` commands use them."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from lsd_jax.args import int_in, int_list, step_count, step_counts
-from lsd_jax.cli import build_parser, main
+from lsd_cli.args import int_in, int_list, step_count, step_counts
+from lsd_cli.main import build_parser, main
 
 
 def test_int_in_bounds_and_messages():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lsd_jax.config import load_config
-from train import baselines
+from lsd_train import baselines
 
 
 def test_affine_fit_recovers_an_affine_map_exactly():
@@ -45,10 +45,10 @@ def test_floor_is_one_db_over_the_best_baseline_capped_at_40():
 def test_fitted_baselines_on_validation_clips_match_the_tasks():
     """A negative is an exact affine map; sepia a clipped matrix (near exact); the pencil sketch
     is not a colour map at all."""
-    cfg = load_config("configs/demo.py")
+    cfg = load_config("lsd_configs/demo.py")
     fits = baselines.fit_baselines(cfg, "negative,sepia,pencil_sketch")
-    from train.eval_data import heldout_pairs
-    from train.evaluate import clip_psnr
+    from lsd_train.eval_data import heldout_pairs
+    from lsd_train.evaluate import clip_psnr
 
     names, _, cond, target, _ = heldout_pairs(cfg, clips=1, frames=4, tasks=
                                               "negative,sepia,pencil_sketch")

@@ -4,7 +4,7 @@ count and the latency the page shows.
 
 Chromium is driven over the Chrome DevTools Protocol with the aiohttp WebSocket client the server
 already depends on: no Node.js, no npm package and no browser download at test time, only the
-Debian `chromium` package that `serve/ci_browser_setup.sh` installs. Without it this test fails
+Debian `chromium` package that `lsd_serve/ci_browser_setup.sh` installs. Without it this test fails
 (it never skips): the browser client is part of what is tested.
 """
 
@@ -25,8 +25,9 @@ from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
-from serve.engine import model_engine
-from serve.server import BackgroundServer, ServerOptions
+from lsd_serve.model_engine import model_engine
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
 
 FRAMES = 50
 DEADLINE_S = 150  # compiles on a loaded machine plus 50 frames; the test never waits longer
@@ -43,8 +44,8 @@ def chromium_path() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("Chromium is not installed: run `bash serve/ci_browser_setup.sh` (Debian package "
-                "chromium); the browser test does not skip without it")
+    pytest.fail("Chromium is not installed: run `bash lsd_serve/ci_browser_setup.sh` (Debian "
+                "package chromium); the browser test does not skip without it")
 
 
 class DevTools:
@@ -84,7 +85,7 @@ def devtools_port(process: subprocess.Popen) -> int:
 @pytest.mark.slow
 def test_page_streams_fake_camera(tmp_path):
     chromium = chromium_path()
-    cfg = load_config(REPO_ROOT / "configs" / "tiny.py",
+    cfg = load_config(REPO_ROOT / "lsd_configs" / "tiny.py",
                       ["model.hidden_size=64", "model.depth=1", "model.num_heads=2",
                        "model.window=4", "diffusion.sample_steps=2"])
     engine = model_engine(cfg, untrained_model(cfg, seed=1), describe="test model",

@@ -1,4 +1,4 @@
-"""The `lsd` command, run in-process through `lsd_jax.cli.main` and once as a real process."""
+"""The `lsd` command, run in-process through `lsd_cli.main.main` and once as a real process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lsd_jax.cli import main
+from lsd_cli.main import main
 from lsd_jax.config import load_config, resolve_config
 from lsd_jax.errors import ConfigError
 from lsd_jax.flops import frame_pass_flops, streamed_frame_flops
@@ -27,7 +27,7 @@ def _info(capsys, *argv):
 
 
 def test_info_tiny(capsys, repo_root, tiny_cfg):
-    info = _info(capsys, "--config", str(repo_root / "configs" / "tiny.py"))
+    info = _info(capsys, "--config", str(repo_root / "lsd_configs" / "tiny.py"))
     assert info["name"] == "tiny"
     assert info["tokens_per_frame"] == 256 and info["grid"] == [16, 16]
     assert info["window"] == 8 and info["cache_frames"] == 7
@@ -41,7 +41,7 @@ def test_info_tiny(capsys, repo_root, tiny_cfg):
 
 
 def test_info_overrides_anywhere_after_config(capsys, repo_root):
-    tiny = str(repo_root / "configs" / "tiny.py")
+    tiny = str(repo_root / "lsd_configs" / "tiny.py")
     base = _info(capsys, "--config", tiny)
     info = _info(capsys, "--config", tiny, "model.depth=1", "diffusion.sample_steps=1")
     assert info["params_trainable"] < base["params_trainable"]
@@ -52,8 +52,20 @@ def test_info_overrides_anywhere_after_config(capsys, repo_root):
     assert json.loads(out)["cache_frames"] == 3
 
 
+def test_info_without_config_describes_the_demo_model(capsys):
+    from lsd_jax.checkpoint import load_config_from
+    from lsd_jax.demo import demo_model_dir
+
+    info = _info(capsys)
+    assert info["config"] == str(demo_model_dir())
+    assert info["name"] == load_config_from(demo_model_dir()).name
+    code, out, _ = _run(capsys, "info", "diffusion.sample_steps=1")
+    assert code == 0 and "built-in demo model" in out
+    assert "1 denoising passes" in out
+
+
 def test_info_text_output(capsys, repo_root):
-    code, out, _ = _run(capsys, "info", "--config", str(repo_root / "configs" / "tiny.py"))
+    code, out, _ = _run(capsys, "info", "--config", str(repo_root / "lsd_configs" / "tiny.py"))
     assert code == 0
     for label in ("parameters", "FLOPs per pass", "FLOPs per frame", "tokens per frame",
                   "window", "steps"):
@@ -62,9 +74,9 @@ def test_info_text_output(capsys, repo_root):
 
 def test_config_by_packaged_name_from_anywhere(capsys, tmp_path, monkeypatch, repo_root):
     monkeypatch.chdir(tmp_path)
-    assert resolve_config("tiny").samefile(repo_root / "configs" / "tiny.py")
-    # `configs/tiny.py` outside the repository also finds the packaged file.
-    assert resolve_config("configs/tiny.py").samefile(repo_root / "configs" / "tiny.py")
+    assert resolve_config("tiny").samefile(repo_root / "lsd_configs" / "tiny.py")
+    # `lsd_configs/tiny.py` outside the repository also finds the packaged file.
+    assert resolve_config("lsd_configs/tiny.py").samefile(repo_root / "lsd_configs" / "tiny.py")
     assert _info(capsys, "--config", "tiny")["name"] == "tiny"
     with pytest.raises(ConfigError, match=r"'nope' not found.*packaged: .*tiny"):
         resolve_config("nope")
@@ -72,7 +84,7 @@ def test_config_by_packaged_name_from_anywhere(capsys, tmp_path, monkeypatch, re
 
 def test_existing_file_wins_over_packaged_name(tmp_path, monkeypatch, repo_root):
     (tmp_path / "tiny.py").write_text(
-        (repo_root / "configs" / "tiny.py").read_text().replace('name="tiny"', 'name="mine"'))
+        (repo_root / "lsd_configs" / "tiny.py").read_text().replace('name="tiny"', 'name="mine"'))
     monkeypatch.chdir(tmp_path)
     assert load_config(resolve_config("tiny.py")).name == "mine"
 
@@ -85,7 +97,8 @@ def test_existing_file_wins_over_packaged_name(tmp_path, monkeypatch, repo_root)
     (["stray"], ["'stray' is not of the form key.path=value"]),
 ])
 def test_bad_config_is_one_line_exit_2(capsys, repo_root, args, names):
-    code, out, err = _run(capsys, "info", "--config", str(repo_root / "configs" / "tiny.py"), *args)
+    code, out, err = _run(capsys, "info", "--config", str(repo_root / "lsd_configs" / "tiny.py"),
+                          *args)
     assert code == 2 and out == ""
     assert err.startswith("lsd: error: ") and err.count("\n") == 1
     for name in names:
@@ -103,7 +116,6 @@ def test_oasis_vae_bench_says_what_is_missing(capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["info"],                                             # --config is required
     ["info", "--config", "tiny", "--bogus"],              # unknown option
     ["bench"],                                            # benchmark name missing
     ["bench", "step", "--config", "tiny", "--steps", "0"],
@@ -120,7 +132,7 @@ def test_bad_arguments_exit_2(capsys, argv):
 
 def test_oasis_500m_parameter_count_in_a_real_process(repo_root):
     result = subprocess.run(
-        [sys.executable, "-m", "lsd_jax.cli", "info", "--config", "configs/oasis_500m.py"],
+        [sys.executable, "-m", "lsd_cli", "info", "--config", "lsd_configs/oasis_500m.py"],
         capture_output=True, text=True, cwd=repo_root, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "607,943,792" in result.stdout
@@ -129,7 +141,7 @@ def test_oasis_500m_parameter_count_in_a_real_process(repo_root):
 @pytest.mark.slow
 def test_bench_step_reports_consistent_figures(capsys, repo_root, tiny_cfg):
     code, out, err = _run(
-        capsys, "bench", "step", "--config", str(repo_root / "configs" / "tiny.py"),
+        capsys, "bench", "step", "--config", str(repo_root / "lsd_configs" / "tiny.py"),
         "--steps", "2", "--frames", "5", "--warmup", "1", "--batch", "2",
         "--peak-sizes", "64,128", "--no-progress", "--json")
     assert code == 0, err
@@ -153,7 +165,7 @@ def test_bench_step_reports_consistent_figures(capsys, repo_root, tiny_cfg):
 
 
 def test_info_rejects_unknown_attention_impl(capsys, repo_root):
-    code, out, err = _run(capsys, "info", "--config", str(repo_root / "configs" / "tiny.py"),
+    code, out, err = _run(capsys, "info", "--config", str(repo_root / "lsd_configs" / "tiny.py"),
                           "model.attention_impl=magic")
     assert code == 2
     assert "model.attention_impl='magic' is not one of" in err and "'xla'" in err
@@ -162,16 +174,16 @@ def test_info_rejects_unknown_attention_impl(capsys, repo_root):
 def test_info_describes_a_model_whose_kernel_runs_elsewhere(monkeypatch):
     """`lsd info` on this CPU machine describes a config that selects a GPU-only kernel (nothing
     runs), while selecting that kernel to run here is a one-line error naming the platform."""
+    from lsd_cli.info import describe
     from lsd_jax import kernels
-    from lsd_jax.cli import describe
     from lsd_jax.config import load_config
     from lsd_jax.errors import ConfigError
 
     gpu_row = kernels.Kernel("attention", "gpu_only", "lsd_jax.attention:XLA", ("cuda",),
                              ("float32",), "a GPU-only row for this test")
     monkeypatch.setattr(kernels, "TABLE", (*kernels.TABLE, gpu_row))
-    cfg = load_config("configs/tiny.py", ["model.attention_impl=gpu_only"])
-    assert describe(cfg)["params_total"] == describe(load_config("configs/tiny.py"))[
+    cfg = load_config("lsd_configs/tiny.py", ["model.attention_impl=gpu_only"])
+    assert describe(cfg)["params_total"] == describe(load_config("lsd_configs/tiny.py"))[
         "params_total"]
     with pytest.raises(ConfigError, match="'gpu_only' cannot run on cpu: it runs on cuda"):
         kernels.select("attention", "gpu_only")

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from configs import demo, lsd_base, mid, oasis_500m, tiny, tiny_dit, tiny_pixel
+from lsd_configs import demo, lsd_base, mid, oasis_500m, tiny, tiny_dit, tiny_pixel
 from lsd_jax.config import Config, apply_overrides, from_dict, load_config, override, to_dict
 from lsd_jax.errors import ConfigError
 
@@ -145,15 +145,15 @@ def test_config_file_without_get_config(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(CONFIG_MODULES))
 def test_packaged_configs_load_and_document_their_command(repo_root, name):
-    cfg = load_config(repo_root / "configs" / f"{name}.py")
+    cfg = load_config(repo_root / "lsd_configs" / f"{name}.py")
     assert isinstance(cfg, Config) and cfg.name == name
     # big_vision habit: each config's docstring holds the command that uses it.
-    assert f"--config configs/{name}.py" in CONFIG_MODULES[name].__doc__
+    assert f"--config lsd_configs/{name}.py" in CONFIG_MODULES[name].__doc__
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_MODULES))
 def test_dict_round_trip(repo_root, name):
-    cfg = load_config(repo_root / "configs" / f"{name}.py", ["model.depth=3"])
+    cfg = load_config(repo_root / "lsd_configs" / f"{name}.py", ["model.depth=3"])
     assert from_dict(to_dict(cfg)) == cfg
 
 

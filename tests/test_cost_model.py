@@ -1,4 +1,4 @@
-"""The train-step cost model (`train/cost_model.py`).
+"""The train-step cost model (`lsd_train/cost_model.py`).
 
 The HLO parser is checked on a hand-written module whose collectives, loop trip count and bytes
 are known exactly; `predict` on hand-made costs. A subprocess with 8 forced CPU devices compiles a
@@ -18,7 +18,7 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT, simulated_devices_env
 
-from train.cost_model import HARDWARE, Hardware, hlo_costs, predict, replica_group_size
+from lsd_train.cost_model import HARDWARE, Hardware, hlo_costs, predict, replica_group_size
 
 # A scan of 3 trips all-gathering a [1,256] f32 shard over groups of 4 and reading one row of
 # stacked weights; outside it an all-reduce over pairs, a combined all-reduce over fsdp=4 whose
@@ -164,10 +164,10 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from lsd_jax.config import MeshConfig, load_config
-    from train import sharding, trainer
-    from train.cost_model import predict, step_costs, train_step_flops
+    from lsd_train import sharding, trainer
+    from lsd_train.cost_model import predict, step_costs, train_step_flops
 
-    cfg = load_config("configs/tiny.py", json.loads(sys.argv[1]))
+    cfg = load_config("lsd_configs/tiny.py", json.loads(sys.argv[1]))
     params = jax.eval_shape(lambda: trainer.init_state(cfg)["params"])
     out = {"devices": jax.device_count(),
            "param_bytes": int(sum(4 * np.prod(p.shape) for p in jax.tree.leaves(params))),

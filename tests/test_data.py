@@ -1,4 +1,4 @@
-"""The grain input pipeline (`train/data.py`) and the paired tasks (`train/tasks.py`).
+"""The grain input pipeline (`lsd_train/data.py`) and the paired tasks (`lsd_train/tasks.py`).
 
 Procedural clips are a pure function of (seed, split, index) and move; the held-out split shares
 no photograph with the training split; tasks are per frame, except `motion_trails`, which matches
@@ -18,7 +18,7 @@ import pytest
 from lsd_jax.codec import resize_and_crop
 from lsd_jax.config import load_config
 from lsd_jax.errors import ConfigError
-from train import data, tasks
+from lsd_train import data, tasks
 
 SMALL = ["model.frame_height=32", "model.frame_width=32", "data.clip_frames=4",
          "train.batch_size=4"]
@@ -26,7 +26,7 @@ SMALL = ["model.frame_height=32", "model.frame_width=32", "data.clip_frames=4",
 
 @pytest.fixture
 def small_cfg(repo_root):
-    return load_config(repo_root / "configs" / "tiny.py", SMALL)
+    return load_config(repo_root / "lsd_configs" / "tiny.py", SMALL)
 
 
 def test_procedural_clips_are_deterministic_and_move():
@@ -182,7 +182,7 @@ def test_truncated_video_clips_are_dropped_with_a_warning(tmp_path, np_rng, smal
     good = [source[0], source[1]]
     with pytest.warns(data.DataWarning, match=r"cut.avi': frame \d+ cannot be decoded"):
         assert source[4] is None
-    cfg = load_config("configs/tiny.py", [*SMALL, "data.source=video_folder",
+    cfg = load_config("lsd_configs/tiny.py", [*SMALL, "data.source=video_folder",
                                           f"data.video_dir={tmp_path}", "data.read_threads=1"])
     it = iter(data.make_dataset(cfg, batch_size=2))
     with pytest.warns(data.DataWarning):
@@ -197,8 +197,8 @@ def test_prompt_phrasings_vary_the_prompt_not_the_task():
     prompt is one of the task's phrasings; the held-out paraphrases are never among them."""
     from lsd_jax.prompt import make_prompt_encoder
 
-    plain = load_config("configs/tiny.py", ["data.tasks=all"])
-    varied = load_config("configs/tiny.py", ["data.prompt_phrasings=true"])
+    plain = load_config("lsd_configs/tiny.py", ["data.tasks=all"])
+    varied = load_config("lsd_configs/tiny.py", ["data.prompt_phrasings=true"])
     source = data.ProceduralClips(2, 16, 16, seed=0)
     a, b = data.PairedClips(source, plain, seed=5), data.PairedClips(source, varied, seed=5)
     encoder = make_prompt_encoder(varied)
@@ -219,7 +219,7 @@ def test_prompt_phrasings_vary_the_prompt_not_the_task():
 
 
 def test_trained_prompts_include_the_phrasings_a_model_trained_on():
-    from train.tasks import trained_prompts
+    from lsd_train.tasks import trained_prompts
 
     plain = trained_prompts(64, "sepia,negative")
     assert plain == ("an old sepia photograph", "a photographic negative")

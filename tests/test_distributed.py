@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _cmd(workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lsd_jax.cli", "train", "--config", "configs/tiny.py",
+    return [sys.executable, "-m", "lsd_cli", "train", "--config", "lsd_configs/tiny.py",
             "--workdir", str(workdir), "--no-progress", *extra, *TINY]
 
 

@@ -15,8 +15,8 @@ from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.errors import CheckpointError, ConfigError
-from train import eval_data, eval_report, evaluate
-from train.tasks import TASK_NAMES
+from lsd_train import eval_data, eval_report, evaluate
+from lsd_train.tasks import TASK_NAMES
 
 
 def test_psnr_and_flicker_match_their_formulas():
@@ -48,7 +48,7 @@ def test_psnr_and_flicker_match_their_formulas():
 
 
 def test_endless_path_is_periodic_smooth_and_heldout():
-    cfg = load_config("configs/tiny.py")
+    cfg = load_config("lsd_configs/tiny.py")
     path = eval_data.EndlessPath(cfg, seed=3, period=120)
     frames = np.stack([path.frame(i) for i in range(121)])
     assert frames.shape == (121, 64, 64, 3) and frames.dtype == np.uint8
@@ -66,9 +66,9 @@ def test_endless_path_is_periodic_smooth_and_heldout():
 def test_task_streams_frame_by_frame_equal_the_clip_tasks():
     """A task streamed one frame at a time (as `lsd eval drift` scores a stream) equals its clip
     form, the temporal task included."""
-    from train.tasks import TASKS, task_named
+    from lsd_train.tasks import TASKS, task_named
 
-    cfg = load_config("configs/tiny.py")
+    cfg = load_config("lsd_configs/tiny.py")
     path = eval_data.EndlessPath(cfg, seed=1, period=50)
     clip = np.stack([path.frame(i) for i in range(12)])
     trails = task_named("motion_trails").stream()
@@ -85,9 +85,9 @@ def test_validation_and_heldout_clips_are_not_training_clips():
     """Held-out clips come from the held-out photographs; validation clips from the training
     photographs under other camera seeds; unseen clips from pictures no split uses: none equals a
     clip the training stream yields."""
-    from train.data import ProceduralClips
+    from lsd_train.data import ProceduralClips
 
-    cfg = load_config("configs/demo.py")
+    cfg = load_config("lsd_configs/demo.py")
     training = ProceduralClips(8, 64, 64, seed=cfg.data.shuffle_seed, split="train")
     train_clips = [training[i] for i in range(6)]
     for split in ("heldout", "validation", "unseen"):
@@ -120,7 +120,7 @@ def test_model_spec_errors_name_the_spec(tmp_path):
 def test_eval_command_checks_its_kind_and_overrides(capsys):
     """`lsd eval` names a misspelt kind; an override may stand where the kind would (quality) or
     follow it, and reaches the model's config, checked."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     assert main(["eval", "qualty"]) == 2
     assert main(["eval", "diffusion.frame_noise=still"]) == 2
@@ -226,7 +226,7 @@ def test_demo_model_follows_the_prompt(demo):
 
 @pytest.mark.slow
 def test_eval_cli_writes_quality_report(tmp_path, capsys):
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     report = tmp_path / "EVAL.md"
     report.write_text("# Notes kept\n")
@@ -268,7 +268,7 @@ def test_eval_cli_writes_quality_report(tmp_path, capsys):
 def test_eval_drift_short_stream_does_not_degrade(tmp_path, capsys):
     """The CI version of `lsd eval drift`: 500 frames of a path with period 100; the last period
     (the same input frames as the first) is within 0.5 dB of the first."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     out = tmp_path / "out"
     assert main(["eval", "drift", "--frames", "500", "--period", "100", "--out", str(out),
@@ -288,7 +288,7 @@ def test_drift_stopped_and_resumed_equals_an_uninterrupted_stream(tmp_path):
     """A drift stream checkpoints every `checkpoint_every` frames; resumed from a checkpoint (read
     back from disk), its per-frame PSNR equals the uninterrupted stream's bit for bit; a
     checkpoint of another run is refused."""
-    from train import evaluate
+    from lsd_train import evaluate
 
     model = evaluate.resolve_model("demo")
     ckpts = []
@@ -302,7 +302,7 @@ def test_drift_stopped_and_resumed_equals_an_uninterrupted_stream(tmp_path):
     np.testing.assert_array_equal(resumed["psnr"], whole["psnr"])
     assert np.isfinite(whole["psnr"]).all() and whole["psnr"].min() > 15
     # the command: `lsd eval drift --resume` picks up the checkpoint in --out, then removes it
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -323,9 +323,9 @@ def test_browser_page_offers_the_trained_prompts():
     """The page's prompt list is the demo model's training prompts, exactly."""
     import re
 
-    from train.tasks import TASKS
+    from lsd_train.tasks import TASKS
 
-    page = (REPO_ROOT / "serve" / "static" / "index.html").read_text()
+    page = (REPO_ROOT / "lsd_serve" / "static" / "index.html").read_text()
     block = page.split('<datalist id="known-prompts">')[1].split("</datalist>")[0]
     assert re.findall(r'<option value="([^"]+)">', block) == [t.prompt for t in TASKS]
 
@@ -366,7 +366,7 @@ def test_demo_model_reads_paraphrases_as_their_task(demo):
     """Every trained prompt's output is closer to its own task's target than to any other
     task's; so are the outputs of every held-out paraphrase (never trained on), by more than
     0.5 dB for the tasks in PARAPHRASED_TASKS."""
-    from train.eval_paraphrase import evaluate_paraphrases
+    from lsd_train.eval_paraphrase import evaluate_paraphrases
 
     result = evaluate_paraphrases(demo, steps=3, clips=1, frames=8, progress=False)
     for name, task in result["tasks"].items():
@@ -382,7 +382,7 @@ def test_real_clips_are_scikit_image_footage():
     import cv2
     from skimage.data import lfw_subset
 
-    from train.eval_real import faces_clip, gif_clip
+    from lsd_train.eval_real import faces_clip, gif_clip
 
     faces = faces_clip((64, 64))
     assert faces.shape == (48, 64, 64, 3) and faces.dtype == np.uint8
@@ -402,7 +402,7 @@ def test_eval_real_restyles_real_video(demo, tmp_path, capsys):
     sepia output is within reach of the sepia target (40.0 / 39.2 dB measured) and as steady as
     it (flicker ratio 1.02 / 1.01), and the report
     gets its table and both pictures."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     assert main(["eval", "real", "--prompt", "an old sepia photograph", "--prompt",
                  "a rainy day", "--out", str(tmp_path / "out"), "--report",

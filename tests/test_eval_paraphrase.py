@@ -10,15 +10,15 @@ from lsd_jax.config import load_config
 from lsd_jax.errors import ConfigError
 from lsd_jax.prompt import make_prompt_encoder
 from lsd_jax.resolve import untrained_model
-from train import eval_data, evaluate
-from train.eval_paraphrase import evaluate_paraphrases, paraphrase_markdown
-from train.tasks import PARAPHRASES, TASK_NAMES
+from lsd_train import eval_data, evaluate
+from lsd_train.eval_paraphrase import evaluate_paraphrases, paraphrase_markdown
+from lsd_train.tasks import PARAPHRASES, TASK_NAMES
 
 SMALL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.window=3"]
 
 
 def _model(overrides):
-    cfg = load_config("configs/tiny.py", [*SMALL, *overrides])
+    cfg = load_config("lsd_configs/tiny.py", [*SMALL, *overrides])
     graphdef, state = nnx.split(untrained_model(cfg, seed=4))
     return evaluate.EvalModel("small", "small", cfg, graphdef, state)
 

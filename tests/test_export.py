@@ -19,13 +19,14 @@ from lsd_jax.config import load_config
 from lsd_jax.errors import ArtifactError
 from lsd_jax.resolve import untrained_model
 from lsd_jax.streaming import init_stream, make_step
-from serve.export import MAGIC, load_artifact, save_artifact
+from lsd_serve.artifact import MAGIC, load_artifact
+from lsd_serve.export import save_artifact
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The tiny config's step (random weights) exported for batches 1, 2 and steps 1, 3."""
-    cfg = load_config(REPO_ROOT / "configs" / "tiny.py")
+    cfg = load_config(REPO_ROOT / "lsd_configs" / "tiny.py")
     graphdef, params = nnx.split(untrained_model(cfg, seed=11))
     path = save_artifact(tmp_path_factory.mktemp("export") / "tiny.lsdx", cfg, graphdef, params,
                          batches=(1, 2), steps=(1, 3), platforms=("cpu", "cuda", "tpu"),
@@ -64,7 +65,7 @@ def test_loads_and_runs_without_model_code(exported):
     frames_bhwc = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     script = f"""
 import sys, numpy as np
-from serve.export import load_artifact
+from lsd_serve.artifact import load_artifact
 art = load_artifact({str(path)!r})
 state = art.init_state(1, 0)
 raw = bytes.fromhex({frames_bhwc.tobytes().hex()!r})
@@ -158,7 +159,7 @@ def test_edited_header_is_an_error_naming_the_field(exported, tmp_path, capsys, 
                                                     expected):
     """A hand-edited header with its sha256 recomputed: `lsd stream --artifact` exits 2 with one
     `lsd: error:` line naming the field and what was wrong (no KeyError, TypeError, ValueError)."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     _, _, _, path = exported
     bad = tmp_path / "edited.lsdx"
@@ -174,7 +175,7 @@ def test_edited_header_is_an_error_naming_the_field(exported, tmp_path, capsys, 
 def test_lsd_export_command_reports_errors_in_one_line(tmp_path, capsys):
     """`lsd stream --artifact` on a damaged file and `lsd export` to an unknown platform exit 2
     with one `lsd: error:` line."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     bad = tmp_path / "x.lsdx"
     bad.write_bytes(b"garbage")

@@ -48,7 +48,7 @@ def _forward(cfg, frames):
 def test_forward_matmul_flops_match_analytic(repo_root, name, overrides):
     # Two layers keep the compile short; FLOPs per layer do not depend on depth. A clip of exactly
     # `window` frames makes the masked dense temporal attention compute `window` keys per frame.
-    cfg = load_config(repo_root / "configs" / f"{name}.py", ["model.depth=2", *overrides])
+    cfg = load_config(repo_root / "lsd_configs" / f"{name}.py", ["model.depth=2", *overrides])
     frames = cfg.model.window
     forward, args = _forward(cfg, frames)
     counted = hlo_matmul_flops(forward.lower(*args).compile().as_text())

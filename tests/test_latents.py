@@ -25,7 +25,7 @@ LATENT_DIT = ["codec=oasis_vae", "model.frame_height=4", "model.frame_width=4",
 
 
 def _lsd(*args, cwd=REPO_ROOT, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lsd_jax.cli", *args], cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "lsd_cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,7 +37,7 @@ def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
     for name, seed in (("vae_a", 0), ("vae_b", 1)):
         save_vae(root / name, SMALL_VAE, OasisVAE(SMALL_VAE, rngs=nnx.Rngs(seed)))
-    proc = _lsd("data", "encode", "--config", "configs/tiny.py", "--codec-dir",
+    proc = _lsd("data", "encode", "--config", "lsd_configs/tiny.py", "--codec-dir",
                 str(root / "vae_a"), "--out", str(root / "data"), "--clips", "24", *LATENT_DIT)
     assert "wrote 24 clips of 4 frames" in proc.stdout, proc.stdout
     return root
@@ -48,10 +48,10 @@ def test_encoded_records_are_the_codec_latents(encoded):
     same pixel clip again), and the metadata names the codec's weights."""
     from lsd_jax.codec import load_codec
     from lsd_jax.config import apply_overrides, load_config
-    from train.data import PairedClips, make_source
-    from train.latents import LatentClips, codec_identity, pixel_twin
+    from lsd_train.data import PairedClips, make_source
+    from lsd_train.latents import LatentClips, codec_identity, pixel_twin
 
-    cfg = apply_overrides(load_config(REPO_ROOT / "configs/tiny.py"),
+    cfg = apply_overrides(load_config(REPO_ROOT / "lsd_configs/tiny.py"),
                           [*LATENT_DIT, "data.source=latents",
                            f"data.latent_dir={encoded / 'data'}"])
     clips = LatentClips(cfg)
@@ -72,7 +72,7 @@ def test_latent_dit_trains_on_the_dataset(encoded):
     """`lsd train` with data.source=latents: the loss falls over 60 steps (mean of the last 10
     logs below 0.8x the first), the codec never runs."""
     work = encoded / "run"
-    _lsd("train", "--config", "configs/tiny.py", "--workdir", str(work), "--no-progress",
+    _lsd("train", "--config", "lsd_configs/tiny.py", "--workdir", str(work), "--no-progress",
          *LATENT_DIT, "data.source=latents", f"data.latent_dir={encoded / 'data'}",
          f"data.codec_dir={encoded / 'vae_a'}", "train.steps=60", "train.log_every=2",
          "train.lr=3e-3", "train.warmup_steps=5", "train.sample_every=0")
@@ -84,7 +84,7 @@ def test_latent_dit_trains_on_the_dataset(encoded):
 
 def test_dataset_of_another_codec_is_refused(encoded):
     """Another codec's weights, another latent shape, another clip length: one-line errors."""
-    base = ["train", "--config", "configs/tiny.py", "--workdir", str(encoded / "refused"),
+    base = ["train", "--config", "lsd_configs/tiny.py", "--workdir", str(encoded / "refused"),
             "--no-progress", *LATENT_DIT, "data.source=latents",
             f"data.latent_dir={encoded / 'data'}", "train.steps=2"]
     cases = [
@@ -134,15 +134,15 @@ def test_lsd_eval_scores_a_latent_model_at_its_codec_frame_size(encoded):
     decodes the outputs through the codec: the copy-input baseline it reports equals the one
     computed from those clips directly, and the model's PSNR is a finite score of 32x32 frames."""
     from lsd_jax.config import apply_overrides, load_config
-    from train.eval_data import heldout_pairs
-    from train.evaluate import frame_psnr
-    from train.latents import pixel_twin
+    from lsd_train.eval_data import heldout_pairs
+    from lsd_train.evaluate import frame_psnr
+    from lsd_train.latents import pixel_twin
 
     work = _trained_run(encoded)
     proc = _lsd("eval", "--checkpoint", str(work), "--steps", "1", "--clips", "1", "--frames",
                 "4", "--tasks", "negative,sepia", "--no-progress", "--json")
     result = json.loads(proc.stdout)[0]
-    twin = pixel_twin(apply_overrides(load_config(REPO_ROOT / "configs/tiny.py"), LATENT_DIT),
+    twin = pixel_twin(apply_overrides(load_config(REPO_ROOT / "lsd_configs/tiny.py"), LATENT_DIT),
                       (32, 32))
     _, _, cond, target, _ = heldout_pairs(twin, clips=1, frames=4, tasks="negative,sepia")
     assert cond.shape == (2, 4, 32, 32, 3)
@@ -176,7 +176,7 @@ def test_exported_latent_step_takes_the_codec_weights_as_arguments(encoded, tmp_
     from lsd_jax.codec import load_codec
     from lsd_jax.resolve import resolve_model
     from lsd_jax.streaming import init_stream, make_step
-    from serve.export import load_artifact
+    from lsd_serve.artifact import load_artifact
 
     work = _trained_run(encoded)
     out = tmp_path / "latent.lsdx"

@@ -35,8 +35,9 @@ from lsd_jax.prompt import (
     make_prompt_encoder,
     nearest_prompt,
 )
-from serve.export import Artifact, prompt_handling
-from train.tasks import TASKS
+from lsd_serve.artifact import Artifact
+from lsd_serve.export import prompt_handling
+from lsd_train.tasks import TASKS
 
 SMALL_BERT = BertConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,
                         intermediate_size=64, max_positions=48)

@@ -1,7 +1,7 @@
 """The browser page shows the nearest trained prompt as the user types: headless Debian Chromium
 (driven over the DevTools protocol, as in tests/test_browser.py) opens the page served by
 `lsd serve`, the test types into the prompt box and reads the hint under it. Like the browser
-test, it fails without Chromium (`bash serve/ci_browser_setup.sh`)."""
+test, it fails without Chromium (`bash lsd_serve/ci_browser_setup.sh`)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from test_browser import CHROMIUM_FLAGS, DevTools, chromium_path, devtools_port
 from lsd_jax.config import load_config
 from lsd_jax.prompt import HashedPromptEncoder
 from lsd_jax.resolve import untrained_model
-from serve.engine import model_engine
-from serve.server import BackgroundServer, ServerOptions
-from train.tasks import TASKS
+from lsd_serve.model_engine import model_engine
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
+from lsd_train.tasks import TASKS
 
 DEADLINE_S = 90
 
@@ -43,7 +44,7 @@ def expected_hint(prompt: str) -> str:
 @pytest.mark.slow
 def test_page_shows_the_nearest_trained_prompt_while_typing(tmp_path):
     chromium = chromium_path()
-    cfg = load_config(REPO_ROOT / "configs" / "tiny.py",
+    cfg = load_config(REPO_ROOT / "lsd_configs" / "tiny.py",
                       ["model.hidden_size=64", "model.depth=1", "model.num_heads=2",
                        "model.window=4", "diffusion.sample_steps=1"])
     engine = model_engine(cfg, untrained_model(cfg, seed=1), describe="test model",

@@ -16,7 +16,7 @@ from lsd_jax.minilm import MiniLMPromptEncoder, load_minilm_encoder
 from lsd_jax.minilm_files import MINILM_ID
 from lsd_jax.model import DiT, randomize
 from lsd_jax.prompt import encoder_from_record, make_prompt_encoder, nearest_prompt
-from train.tasks import TASKS
+from lsd_train.tasks import TASKS
 
 CLS, SEP, UNK = 101, 102, 100
 MINILM_CFG = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
@@ -89,7 +89,7 @@ def test_paraphrases_read_as_their_task_and_unrelated_prompts_as_far(encoder):
     """Every held-out paraphrase is nearest a trained prompt of its own task, at or above
     NEAR_SIMILARITY; prompts unrelated to any task stay below it."""
     from lsd_jax.prompt import NEAR_SIMILARITY
-    from train.tasks import PARAPHRASES, trained_prompts
+    from lsd_train.tasks import PARAPHRASES, trained_prompts
 
     trained = trained_prompts(384, "all", phrasings=True)
     owner = {p: t.name for t in TASKS for p in (t.prompt, *t.phrasings)}

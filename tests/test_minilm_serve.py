@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from conftest import CONFIGS
 
-from lsd_jax.cli import main
+from lsd_cli.main import main
+from lsd_cli.serve import _note_untrained_prompts
 from lsd_jax.config import load_config
 from lsd_jax.prompt import HashedPromptEncoder
 from lsd_jax.resolve import untrained_model
-from serve.cli import _note_untrained_prompts
-from serve.engine import model_engine
-from serve.server import BackgroundServer, ServerOptions
-from train.tasks import TASKS
+from lsd_serve.model_engine import model_engine
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
+from lsd_train.tasks import TASKS
 
 SMALL = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "model.window=4",
          "diffusion.sample_steps=1"]
@@ -29,7 +30,7 @@ TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def engines():
     """`(trained, untrained)`: the same small model, once described as trained by `lsd train`
-    on every task of `train/tasks.py` (so its trained prompts are known), once as untrained."""
+    on every task of `lsd_train/tasks.py` (so its trained prompts are known), once as untrained."""
     cfg = load_config(CONFIGS / "tiny.py", SMALL)
     model = untrained_model(cfg, seed=3)
     return (model_engine(cfg, model, describe="test model", untrained=False,
@@ -119,7 +120,7 @@ def test_lsd_stream_prints_the_note_for_the_demo_model(tmp_path, capsys):
     """A held-out paraphrase of a trained prompt reads as that prompt (no warning); an unrelated
     prompt is reported far from everything trained."""
     from lsd_jax.resolve import resolve_model
-    from train.tasks import PARAPHRASES
+    from lsd_train.tasks import PARAPHRASES
 
     demo = resolve_model()
     paraphrase = PARAPHRASES["thermal"][0]

@@ -33,7 +33,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from lsd_jax.errors import ConfigError
-from train.checkpointing import process_file
+from lsd_train.checkpointing import process_file
 
 STEPS = 12
 TINY = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
@@ -48,13 +48,13 @@ DROPPED = (6, 14)  # global clip indices; rows 2 and 3 of each global batch of 4
 WRAPPER = f"""
 import sys
 
-import train.data
-import train.trainer
+import lsd_train.data
+import lsd_train.trainer
 
-getitem = train.data.ProceduralClips.__getitem__
-train.data.ProceduralClips.__getitem__ = lambda self, index: (
+getitem = lsd_train.data.ProceduralClips.__getitem__
+lsd_train.data.ProceduralClips.__getitem__ = lambda self, index: (
     None if self.split_id == 0 and int(index) in {DROPPED} else getitem(self, index))
-crc, log = train.trainer.batch_crc, open(sys.argv[1], "a")
+crc, log = lsd_train.trainer.batch_crc, open(sys.argv[1], "a")
 
 
 def batch_crc(batch):
@@ -64,8 +64,8 @@ def batch_crc(batch):
     return value
 
 
-train.trainer.batch_crc = batch_crc
-from lsd_jax.cli import main
+lsd_train.trainer.batch_crc = batch_crc
+from lsd_cli.main import main
 
 sys.exit(main(sys.argv[2:]))
 """
@@ -83,7 +83,7 @@ def _launch(workdir: Path, tag: str, env: dict, *extra: str) -> list[subprocess.
     address = f"127.0.0.1:{_free_port()}"
     return [subprocess.Popen(
         [sys.executable, "-c", WRAPPER, str(workdir.parent / f"crcs_{tag}_{i}.txt"), "train",
-         "--config", "configs/tiny.py", "--workdir", str(workdir), "--no-progress",
+         "--config", "lsd_configs/tiny.py", "--workdir", str(workdir), "--no-progress",
          "--coordinator", address, "--num-processes", "2", "--process-id", str(i), *extra,
          *TINY],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -177,7 +177,7 @@ def test_cluster_environments_initialize_with_no_arguments(monkeypatch):
     """Under `srun` with several tasks (or `mpirun`), `lsd train` calls
     `jax.distributed.initialize()` with nothing, or only what the flags name; elsewhere the
     flags are needed, and a count of 1 is one process."""
-    from train.cli import _distributed_args
+    from lsd_cli.train import _distributed_args
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "JAX_"))]:
         monkeypatch.delenv(key)

@@ -29,8 +29,7 @@ SMALL_OASIS = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "mo
 
 @pytest.fixture(scope="module")
 def world():
-    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes
-    from lsd_jax.interop.parity import random_state_dict
+    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes, random_state_dict
     from lsd_jax.model import model_from_params
 
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS)
@@ -114,9 +113,13 @@ SMALL_VAE = ["vae.frame_height=36", "vae.frame_width=64", "vae.patch_size=2", "v
 def weight_files(tmp_path_factory):
     """Small random Oasis-layout DiT and VAE files (with a rotary entry Oasis files may hold)."""
     pytest.importorskip("safetensors")
-    from lsd_jax.interop.convert import dit_torch_shapes, save_safetensors, vae_torch_shapes
-    from lsd_jax.interop.parity import random_state_dict
-    from lsd_jax.interop.parity_cli import vae_config
+    from lsd_jax.interop.convert import (
+        dit_torch_shapes,
+        random_state_dict,
+        save_safetensors,
+        vae_config,
+        vae_torch_shapes,
+    )
 
     root = tmp_path_factory.mktemp("oasis_files")
     cfg = load_config(CONFIGS / "oasis_500m.py", SMALL_OASIS)
@@ -130,7 +133,7 @@ def weight_files(tmp_path_factory):
 
 
 def _lsd(capsys, *argv):
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -39,7 +39,7 @@ def _clip_bthwc():
 
 @pytest.mark.slow
 def test_dit_overfits_one_clip():
-    cfg = load_config("configs/tiny.py", [
+    cfg = load_config("lsd_configs/tiny.py", [
         f"model.frame_height={HW}", f"model.frame_width={HW}", "model.patch_size=4",
         "model.hidden_size=64", "model.depth=2", "model.num_heads=4", "model.window=4",
         "model.prompt_dim=16",

@@ -13,7 +13,7 @@ import pytest
 
 from lsd_jax.config import load_config
 from lsd_jax.errors import ConfigError, DataError
-from train import data, pairs
+from lsd_train import data, pairs
 
 SMALL = ["model.frame_height=32", "model.frame_width=32", "data.clip_frames=4",
          "train.batch_size=4"]
@@ -107,7 +107,7 @@ def test_pairs_source_cuts_aligned_clips(tmp_path, np_rng, folder_pair, repo_roo
 def test_pairs_dataset_resumes_and_splits_rows_over_processes(tmp_path, folder_pair, repo_root):
     manifest = _manifest(tmp_path, [{"input": "in", "target": "out", "prompt": "x",
                                      "split": "train"}])
-    cfg = load_config(repo_root / "configs" / "tiny.py",
+    cfg = load_config(repo_root / "lsd_configs" / "tiny.py",
                       [*SMALL, "data.source=pairs", f"data.pairs={manifest}"])
     dataset = data.make_dataset(cfg)
     it = iter(dataset)
@@ -127,17 +127,15 @@ def test_pairs_dataset_resumes_and_splits_rows_over_processes(tmp_path, folder_p
 def test_pairs_mixed_into_the_builtin_tasks(tmp_path, folder_pair, repo_root):
     manifest = _manifest(tmp_path, [{"input": "in", "target": "out", "prompt": "inverted",
                                      "split": "train"}])
-    cfg = load_config(repo_root / "configs" / "tiny.py",
+    cfg = load_config(repo_root / "lsd_configs" / "tiny.py",
                       [*SMALL, f"data.pairs={manifest}", "data.pairs_fraction=0.5",
                        "train.batch_size=32"])
     batch = next(iter(data.make_dataset(cfg)))
     from_pairs = int(np.sum(batch["task"] == pairs.PAIR_TASK))
     assert 8 <= from_pairs <= 24  # about half of 32
-    from train.tasks import config_prompts
-
-    assert config_prompts(cfg)[-1] == "inverted" and len(config_prompts(cfg)) == 10
+    assert pairs.config_prompts(cfg)[-1] == "inverted" and len(pairs.config_prompts(cfg)) == 10
     with pytest.raises(ConfigError, match="data.pairs_fraction=0.5 mixes"):
-        load_config(repo_root / "configs" / "tiny.py", ["data.pairs_fraction=0.5"])
+        load_config(repo_root / "lsd_configs" / "tiny.py", ["data.pairs_fraction=0.5"])
 
 
 def test_make_pairs_with_builtin_and_own_teachers(tmp_path, np_rng):
@@ -145,7 +143,7 @@ def test_make_pairs_with_builtin_and_own_teachers(tmp_path, np_rng):
     videos.mkdir()
     _write_video(videos / "a.avi", _frames(np_rng, 6, 64, 80), 8)
     pairs.write_frames(videos / "b", _frames(np_rng, 5, 300, 200))  # scaled down to 256
-    teachers = [pairs.get_teacher("negative"), pairs.get_teacher("tests.test_pairs:_flip",
+    teachers = [pairs.get_teacher("negative"), pairs.get_teacher("test_pairs:_flip",
                                                                  prompt="upside down")]
     manifest = pairs.make_pairs(videos, tmp_path / "out", teachers)
     made = pairs.read_manifest(manifest)
@@ -159,7 +157,7 @@ def test_make_pairs_with_builtin_and_own_teachers(tmp_path, np_rng):
     with pytest.raises(DataError, match="exists: give a new --out folder"):
         pairs.make_pairs(videos, tmp_path / "out", teachers)
     with pytest.raises(ConfigError, match="give its prompt with --prompt"):
-        pairs.get_teacher("tests.test_pairs:_flip")
+        pairs.get_teacher("test_pairs:_flip")
     with pytest.raises(ConfigError, match="not a built-in teacher"):
         pairs.get_teacher("nonsense")
 

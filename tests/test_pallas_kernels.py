@@ -1,4 +1,4 @@
-"""The Pallas kernels (`pallas_kernels/`) at sizes where their blocks loop (several query, key
+"""The Pallas kernels (`lsd_kernels/`) at sizes where their blocks loop (several query, key
 and token blocks), under the Pallas interpreter and the TPU interpreter with race detection,
 against the pure-JAX reference; and the model's streaming and train steps exported for `cuda`
 (Triton backend) and `tpu` (Mosaic) with the kernels selected, serialized and deserialized, with
@@ -20,8 +20,8 @@ from lsd_jax.attention import XLA
 from lsd_jax.config import apply_overrides, load_config
 from lsd_jax.errors import ArtifactError, ConfigError
 from lsd_jax.norm import XLA as NORM_XLA
-from pallas_kernels import flash_spatial, impls, ring_temporal
-from pallas_kernels.backends import block_size
+from lsd_kernels import flash_spatial, impls, ring_temporal
+from lsd_kernels.backends import block_size
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # the policy of tests/test_attention_seam.py
 INTERPRETERS = {"interpret": (impls.PALLAS_INTERPRET, impls.NORM_INTERPRET),
@@ -56,7 +56,7 @@ def test_race_detection_catches_a_racy_kernel():
     writing one output block are a race under the TPU interpreter's two simulated cores."""
     from jax.experimental import pallas as pl
 
-    from pallas_kernels.backends import TPU_INTERPRET, simulated_cores
+    from lsd_kernels.backends import TPU_INTERPRET, simulated_cores
 
     if simulated_cores() < 2:
         pytest.skip("one CPU: the TPU interpreter simulates one core, so no cross-core race")
@@ -169,7 +169,8 @@ def test_streaming_step_exports_with_kernels(platform, tmp_path):
     from flax import nnx
 
     from lsd_jax.model import DiT
-    from serve.export import load_artifact, save_artifact
+    from lsd_serve.artifact import load_artifact
+    from lsd_serve.export import save_artifact
 
     name, target = TARGETS[platform]
     cfg = _with_kernels(name)
@@ -189,8 +190,8 @@ def test_train_step_exports_with_kernels(platform):
     """The train step (objective, gradient through the kernels' custom VJPs, AdamW, EMA) lowered
     for one platform, serialized and deserialized, holds the kernels' custom calls, and the
     backward's kernels are among them (more calls than the forward's)."""
-    from serve.export import UNGUARANTEED_CALLS
-    from train.trainer import abstract_batch, init_state, make_train_step
+    from lsd_jax.lowering import UNGUARANTEED_CALLS
+    from lsd_train.trainer import abstract_batch, init_state, make_train_step
 
     name, target = TARGETS[platform]
     cfg = _with_kernels(name, "data.clip_frames=4", "train.batch_size=2")
@@ -229,7 +230,7 @@ def test_bench_kernels_reports_every_kernel(capsys):
     error against the reference, the custom calls of both lowerings and a roofline."""
     import json
 
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     assert main(["bench", "kernels", "--config", str(CONFIGS / "tiny.py"), "--no-tpu",
                  "--json"]) == 0
@@ -265,7 +266,7 @@ def test_long_ring_fits_tpu_vmem(dtype):
     so the Mosaic compile for v5e stays inside its 16 MiB of scoped VMEM (at 16 tokens per block
     the float32 ring does not)."""
     pytest.importorskip("libtpu", reason="libtpu is not installed (the kernels extra)")
-    from pallas_kernels import tpu_aot
+    from lsd_kernels import tpu_aot
 
     try:
         tpu_aot.topology_devices("v5e:2x2")

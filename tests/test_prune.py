@@ -14,7 +14,7 @@ from flax import nnx
 from lsd_jax.config import load_config
 from lsd_jax.errors import ConfigError
 from lsd_jax.model import DiT, model_from_params, randomize
-from train.prune import Widths, check_widths, cut, keep_indices, pruned_config, score_units
+from lsd_train.prune import Widths, check_widths, cut, keep_indices, pruned_config, score_units
 
 SMALL = ["model.frame_height=16", "model.frame_width=16", "model.patch_size=4",
          "model.hidden_size=32", "model.num_heads=4", "model.depth=2", "model.window=3",

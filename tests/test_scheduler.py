@@ -1,10 +1,10 @@
-"""The frame loop's scheduling (serve/scheduler.py), without a server, a network or a model."""
+"""The frame loop's scheduling (lsd_serve/scheduler.py), without a server, a network or a model."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve.scheduler import StepScheduler
+from lsd_serve.scheduler import StepScheduler
 
 
 def test_groups_by_requested_steps_in_chunks_of_the_largest_batch():
@@ -54,10 +54,10 @@ def test_long_stream_bench_windows_and_interleaved_steps():
     the end of the stream, and the interleaved steps of the two kept states, all timed."""
     from lsd_jax.config import load_config
     from lsd_jax.resolve import untrained_model
-    from serve.bench import bench_long_stream
-    from serve.engine import model_engine
+    from lsd_serve.bench import bench_long_stream
+    from lsd_serve.model_engine import model_engine
 
-    cfg = load_config("configs/tiny.py", ["model.hidden_size=32", "model.depth=1",
+    cfg = load_config("lsd_configs/tiny.py", ["model.hidden_size=32", "model.depth=1",
                                           "model.num_heads=2", "model.window=3"])
     engine = model_engine(cfg, untrained_model(cfg, seed=1), describe="small", untrained=True,
                           max_steps=1)

@@ -19,8 +19,10 @@ from conftest import REPO_ROOT
 
 from lsd_jax.config import load_config
 from lsd_jax.resolve import untrained_model
-from serve.engine import model_engine
-from serve.server import BackgroundServer, ServerOptions, encode_jpeg
+from lsd_serve.jpeg import encode_jpeg
+from lsd_serve.model_engine import model_engine
+from lsd_serve.options import ServerOptions
+from lsd_serve.server import BackgroundServer
 
 TIMEOUT_S = 60  # a first frame compiles the step; on a loaded 2-core machine that takes seconds
 # A small model of the tiny config's frame size: each compile of a (batch, steps) variant is short.
@@ -30,7 +32,7 @@ SMALL = ["model.hidden_size=64", "model.depth=1", "model.num_heads=2", "model.wi
 
 @pytest.fixture(scope="module")
 def engine():
-    cfg = load_config(REPO_ROOT / "configs" / "tiny.py", SMALL)
+    cfg = load_config(REPO_ROOT / "lsd_configs" / "tiny.py", SMALL)
     return model_engine(cfg, untrained_model(cfg, seed=3), describe="test model", untrained=True)
 
 
@@ -392,9 +394,9 @@ def test_precompile_compiles_each_variant_once(tmp_path, compile_log):
     steps) variant compiles exactly once before the first client, and a session's frames then
     compile nothing."""
     from lsd_jax.checkpoint import save_model
-    from serve.engine import load_engine
+    from lsd_serve.load import load_engine
 
-    cfg = load_config(REPO_ROOT / "configs" / "tiny.py", SMALL)
+    cfg = load_config(REPO_ROOT / "lsd_configs" / "tiny.py", SMALL)
     save_model(tmp_path / "model", cfg, untrained_model(cfg, seed=2))
     engine = load_engine(checkpoint=str(tmp_path / "model"))
     frames = random_frames(4, seed=12)

@@ -21,7 +21,7 @@ import pytest
 from conftest import simulated_devices_env
 from jax.sharding import PartitionSpec
 
-from train import sharding
+from lsd_train import sharding
 
 TINY = ["model.frame_height=16", "model.frame_width=16", "model.hidden_size=32",
         "model.depth=1", "model.num_heads=2", "model.window=4", "model.prompt_dim=16",
@@ -31,10 +31,10 @@ SCRIPT = textwrap.dedent("""
     import functools, json, sys
     import jax, numpy as np
     from lsd_jax.config import MeshConfig, load_config
-    from train import sharding, trainer
+    from lsd_train import sharding, trainer
 
     overrides = json.loads(sys.argv[1])
-    cfg = load_config("configs/tiny.py", overrides)
+    cfg = load_config("lsd_configs/tiny.py", overrides)
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.data.clip_frames
     batch = {"target": rng.uniform(-1, 1, (b, t, 16, 16, 3)).astype(np.float32),
@@ -104,10 +104,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from lsd_jax.config import MeshConfig, load_config
-    from train import sharding, trainer
+    from lsd_train import sharding, trainer
     out = {}
     for fsdp in (2, 8):
-        cfg = load_config("configs/tiny.py", json.loads(sys.argv[1]) + [
+        cfg = load_config("lsd_configs/tiny.py", json.loads(sys.argv[1]) + [
             f"train.batch_size={fsdp}"])
         mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=1),
                                   jax.devices()[:fsdp])

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lsd_jax.cli import main
+from lsd_cli.main import main
 from lsd_jax.errors import StreamInputError
-from serve.stream import demo_clip, parse_prompt_schedule, prompt_at
+from lsd_serve.stream import demo_clip, parse_prompt_schedule, prompt_at
 
 
 def read_video(path) -> list[np.ndarray]:
@@ -221,7 +221,7 @@ def test_stream_damaged_inputs(tmp_path, capfd):
     from lsd_jax.config import load_config
     from lsd_jax.resolve import untrained_model
 
-    cfg = load_config("configs/tiny.py", SMALL)
+    cfg = load_config("lsd_configs/tiny.py", SMALL)
     model_dir = save_model(tmp_path / "model", cfg, untrained_model(cfg))
     damaged = list((model_dir / "params").glob("ocdbt.process_0/d/*"))
     assert damaged
@@ -237,18 +237,17 @@ def test_stream_damaged_inputs(tmp_path, capfd):
 
 
 def test_make_demo_clip_help_only_prints_help(tmp_path, repo_root):
-    """`python -m serve.make_demo_clip --help` prints its usage and leaves the packaged clip alone;
-    `--out` writes the clip elsewhere."""
+    """`lsd data demo-clip --help` prints its usage and leaves the packaged clip alone; `--out`
+    writes the clip elsewhere."""
     import subprocess
     import sys
 
     before = demo_clip().stat().st_mtime_ns
-    shown = subprocess.run([sys.executable, "-m", "serve.make_demo_clip", "--help"], cwd=repo_root,
-                           capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m "
-                                                             "serve.make_demo_clip")
+    shown = subprocess.run([sys.executable, "-m", "lsd_cli", "data", "demo-clip", "--help"],
+                           cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: lsd data demo-clip")
     assert demo_clip().stat().st_mtime_ns == before
-    made = subprocess.run([sys.executable, "-m", "serve.make_demo_clip", "--out",
+    made = subprocess.run([sys.executable, "-m", "lsd_cli", "data", "demo-clip", "--out",
                            str(tmp_path / "clip.mp4")], cwd=repo_root, capture_output=True,
                           text=True, timeout=300)
     assert made.returncode == 0, made.stderr

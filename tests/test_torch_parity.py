@@ -182,7 +182,7 @@ def test_parity_command(capsys, tmp_path):
 
     from safetensors.torch import save_file
 
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
     from lsd_jax.interop.torch_ref.dit import TorchDiT
 
     cfg = load_config(CONFIGS / "tiny.py", ALL_OPTIONS)

@@ -1,5 +1,5 @@
 """Mosaic TPU kernels compiled ahead of time for v5e / v6e topologies on this CPU-only machine
-(`pallas_kernels.tpu_aot`): lowering alone does not run Mosaic's compile, this does (VMEM budget,
+(`lsd_kernels.tpu_aot`): lowering alone does not run Mosaic's compile, this does (VMEM budget,
 layouts). Needs the `libtpu` wheel (`pip install 'jax[tpu]'`); skipped without it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'jax[tpu]')")
 
-from pallas_kernels import tpu_aot  # noqa: E402
+from lsd_kernels import tpu_aot  # noqa: E402
 
 TOPOLOGIES = ("v5e", "v6e")
 
@@ -57,8 +57,8 @@ def test_vmem_overflow_fails_the_compile(topology: str) -> None:
     limit of v5e (16 MiB) and v6e (32 MiB): lowering accepts it, the AOT compile must not."""
     import jax
 
-    from pallas_kernels import norm_modulate
-    from pallas_kernels.backends import MOSAIC_TPU
+    from lsd_kernels import norm_modulate
+    from lsd_kernels.backends import MOSAIC_TPU
 
     _devices(topology)
     d = 16384

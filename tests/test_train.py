@@ -46,7 +46,7 @@ def _env(cache_dir: Path) -> dict:
 
 
 def _train_cmd(workdir: Path, overrides: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lsd_jax.cli", "train", "--config", "configs/tiny.py",
+    return [sys.executable, "-m", "lsd_cli", "train", "--config", "lsd_configs/tiny.py",
             "--workdir", str(workdir), "--no-progress", *extra, *overrides]
 
 
@@ -75,16 +75,16 @@ def uninterrupted(tmp_path_factory):
 def test_trained_model_records_its_prompts_and_serving_reads_them(uninterrupted):
     """The model `lsd train` writes records the prompts it was trained on; the engine built from
     it (and from its export) knows them, and serving never imports the trainer."""
-    from train.tasks import TASKS
+    from lsd_train.tasks import TASKS
 
     saved = json.loads((uninterrupted / "model" / "config.json").read_text())
     assert saved["trained_prompts"] == [t.prompt for t in TASKS]
     script = f"""
 import sys
-from serve.engine import load_engine
+from lsd_serve.load import load_engine
 engine = load_engine(checkpoint={str(uninterrupted)!r})
 print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["trained"],
-      sorted(m for m in sys.modules if m == "train" or m.startswith("train.")))
+      sorted(m for m in sys.modules if m == "lsd_train" or m.startswith("lsd_train.")))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=300, check=True).stdout.split()
@@ -92,14 +92,14 @@ print(len(engine.trained_prompts), engine.nearest_trained("a pencil sketch!")["t
 
 
 def test_ship_demo_copies_a_finished_run_with_its_record(uninterrupted, tmp_path):
-    """`python -m train.ship_demo` copies the run's model with its trained prompts, and writes
+    """`lsd ship-demo` copies the run's model with its trained prompts, and writes
     TRAINING.md with the recipe, the parameter count and the steps; an unfinished run is refused."""
     from lsd_jax.checkpoint import load_config_from, load_model, load_trained_prompts
     from lsd_jax.errors import CheckpointError
-    from train.ship_demo import ship
-    from train.tasks import TASKS
+    from lsd_train.ship_demo import ship
+    from lsd_train.tasks import TASKS
 
-    dest = ship(uninterrupted, "lsd train --config configs/tiny.py", dest=tmp_path / "demo")
+    dest = ship(uninterrupted, "lsd train --config lsd_configs/tiny.py", dest=tmp_path / "demo")
     assert load_trained_prompts(dest) == tuple(t.prompt for t in TASKS)
     _, model = load_model(dest)
     from flax import nnx
@@ -136,12 +136,12 @@ def test_warm_start_takes_the_weights_of_a_model_directory(uninterrupted, monkey
     from lsd_jax.checkpoint import load_model
     from lsd_jax.config import apply_overrides
     from lsd_jax.errors import ConfigError
-    from train import sharding
-    from train.trainer import build_step, warm_start
+    from lsd_train import sharding
+    from lsd_train.trainer import build_step, warm_start
 
     monkeypatch.chdir(uninterrupted)
     source = uninterrupted / "model"
-    cfg = apply_overrides(load_config(REPO_ROOT / "configs/tiny.py"),
+    cfg = apply_overrides(load_config(REPO_ROOT / "lsd_configs/tiny.py"),
                           [*RESUME, "train.init_from=model", "model.attention_impl=jax_nn"])
     sharded = build_step(cfg, sharding.make_mesh(cfg.mesh))
     fresh = sharded.init()
@@ -243,14 +243,14 @@ def test_sigterm_saves_and_stops(uninterrupted, repo_root):
 
 
 def test_damaged_newest_checkpoint_falls_back(uninterrupted, tmp_path):
-    from train import trainer
+    from lsd_train import trainer
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", workdir / "checkpoints")
     for path in (workdir / "checkpoints" / "20" / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    cfg = load_config("configs/tiny.py", RESUME)
+    cfg = load_config("lsd_configs/tiny.py", RESUME)
     sharded = trainer.build_step(cfg, trainer.sharding.make_mesh(cfg.mesh))
     manager = trainer.checkpoint_manager(workdir, cfg)
     with pytest.warns(UserWarning, match="checkpoint step 20 .* cannot be restored"):
@@ -285,7 +285,7 @@ def test_eval_loads_the_ema_of_a_training_step(uninterrupted):
     from flax import nnx
 
     from lsd_jax.errors import CheckpointError
-    from train.evaluate import resolve_model
+    from lsd_train.evaluate import resolve_model
 
     model = resolve_model(f"ema10={uninterrupted}@10")
     assert model.label == "ema10" and model.cfg.model.hidden_size == 32
@@ -307,7 +307,7 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_keeps_the_saved_config(tmp_
     train.batch_size=4 on the command line) restores step 4 with the saved batch size, moves step 8
     aside, trains to 12 and saves 8 and 12 again; metrics.jsonl holds each step once. Overrides
     that conflict with the saved config are one-line errors naming both values."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     workdir, env = tmp_path / "run", _env(tmp_path / "cache")
     overrides = [*TINY, "train.save_every=4", "train.keep=10", "train.log_every=1",
@@ -326,7 +326,7 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_keeps_the_saved_config(tmp_
     without_batch = [o for o in overrides if not o.startswith("train.batch_size=")]
     for conflict, saved in [("train.batch_size=2", "train.batch_size=4"),
                             ("model.depth=2", "model.depth=1")]:
-        assert main(["train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+        assert main(["train", "--config", "lsd_configs/tiny.py", "--workdir", str(workdir),
                      *without_batch, conflict, "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(
@@ -350,10 +350,10 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_keeps_the_saved_config(tmp_
 def test_unwritable_workdir_is_one_line(capsys):
     """A work directory that cannot be written (under /sys: even root cannot) is one line naming
     it, exit 2, before any data or compile."""
-    from lsd_jax.cli import main
+    from lsd_cli.main import main
 
     workdir = "/sys/lsd-test-workdir"
-    assert main(["train", "--config", "configs/tiny.py", "--workdir", workdir, *TINY]) == 2
+    assert main(["train", "--config", "lsd_configs/tiny.py", "--workdir", workdir, *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lsd: error: work directory {workdir!r} is not writable: Operation not "
                    "permitted"], err

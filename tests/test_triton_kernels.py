@@ -1,7 +1,7 @@
-"""The Triton ring-buffer attention (`pallas_kernels.triton_ring`) on a CPU machine: the
+"""The Triton ring-buffer attention (`lsd_kernels.triton_ring`) on a CPU machine: the
 `@triton.jit` body under Triton's interpreter on torch CPU tensors against
 `lsd_jax.attention.XLA.temporal_cache`, its `jax.export` for cuda (where jax_triton imports), and
-its ahead-of-time compile for sm_90 (`pallas_kernels.triton_aot`): registers, spills, shared
+its ahead-of-time compile for sm_90 (`lsd_kernels.triton_aot`): registers, spills, shared
 memory. Each part skips, naming the package, where triton, torch or jax_triton is missing."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 import numpy as np
 import torch
 
-from pallas_kernels import triton_ring
+from lsd_kernels import triton_ring
 
 torch.set_num_threads(1)
 data, results = np.load(sys.argv[1]), {}
@@ -132,7 +132,7 @@ def test_interpreted_kernel_matches_reference(interpreted, case, dtype, interlea
 
 def test_module_imports_without_triton():
     """Neither triton nor jax_triton is imported until a kernel is built or called."""
-    code = ("import sys; import pallas_kernels.triton_ring, pallas_kernels.triton_aot; "
+    code = ("import sys; import lsd_kernels.triton_ring, lsd_kernels.triton_aot; "
             "assert not {'triton', 'jax_triton'} & set(sys.modules), sorted(sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -155,7 +155,7 @@ def test_export_for_cuda_holds_the_triton_call():
     """Lowered for cuda on this machine (the compute capability fixed at 90), the exported step
     holds the Triton custom call and survives serialization."""
     _jax_triton()
-    from pallas_kernels import triton_ring
+    from lsd_kernels import triton_ring
 
     _, arrays, kw = _case("temporal_cache", "bfloat16", True)
     fn = jax.jit(lambda *a: triton_ring.temporal_cache_for(90)(*a, **kw))
@@ -171,7 +171,7 @@ def test_export_for_cuda_holds_the_triton_call():
 
 
 def test_parse_ptxas():
-    from pallas_kernels.triton_aot import parse_ptxas
+    from lsd_kernels.triton_aot import parse_ptxas
 
     log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
            "ptxas info    : Function properties for k\n"
@@ -187,7 +187,7 @@ def test_ring_kernel_compiles_for_sm90_without_spills(head_dim, dtype, tmp_path,
     """Compiled for H100 with the triton wheel's ptxas: no spills, at most 255 registers, shared
     memory within the 227 KiB a block may have."""
     pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    from pallas_kernels import triton_aot
+    from lsd_kernels import triton_aot
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

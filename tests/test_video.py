@@ -114,7 +114,7 @@ def test_bad_size_or_rate(tmp_path):
 def test_stream_output_that_cannot_be_written_is_a_stream_error():
     """`lsd stream` turns the writer's error into its own one-line error, before any step runs."""
     from lsd_jax.errors import StreamInputError
-    from serve.stream import run_stream
+    from lsd_serve.stream import run_stream
 
     engine = types.SimpleNamespace(max_steps=1, steps=(1,), frame_hw=(16, 16), describe="none")
     with pytest.raises(StreamInputError) as info:

@@ -2,9 +2,11 @@
 
     params = dit_from_torch(model_cfg, state_dict)      # nested dict, `model_from_params`-ready
     state_dict = dit_to_torch(model_cfg, params)        # {torch key: numpy array}
+    state_dict = random_state_dict(dit_torch_shapes(model_cfg), seed=0)  # random weights
     vae_params = vae_from_torch(vae_cfg, state_dict); vae_to_torch(vae_cfg, vae_params)
     state_dict = load_state_dict(path)                  # .safetensors, or a torch .pt/.pth/.bin
     save_safetensors(path, state_dict)
+    summary = convert_oasis(cfg, ["vae.enc_depth=2"], dit_path, vae_path, out)   # lsd convert oasis
 
 Layout rules (docs/OASIS.md): a torch Linear weight is `(out, in)`, our kernel `(in, out)`; a Conv2d
 patch embed weight `(O, I, kh, kw)` is our kernel `(kh * kw * I, O)` in patch order `(p, q, c)`;
@@ -20,15 +22,19 @@ naming the key (and both shapes). Values are converted exactly (transposes and r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lsd_jax.config import ModelConfig
-from lsd_jax.errors import ConversionError
+from lsd_jax.checkpoint import save_model
+from lsd_jax.config import Config, ModelConfig
+from lsd_jax.errors import ConfigError, ConversionError
+from lsd_jax.model import abstract_model, count_params, model_from_params
+from lsd_jax.vae import OasisVAE, VAEConfig, save_vae
 
 IGNORED_SUFFIX = "rotary_emb.freqs"
 
@@ -218,8 +224,6 @@ def _pure(params) -> dict:
 
 
 def _dit_expected(cfg: ModelConfig) -> dict:
-    from lsd_jax.model import abstract_model
-
     return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
 
 
@@ -245,12 +249,22 @@ def dit_to_torch(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     return _to_torch(_entries(_dit_modules(cfg), params), params, cfg.channels + cfg.cond_channels)
 
 
+def random_state_dict(shapes: dict, seed: int = 0, gain: float = 0.7) -> dict:
+    """Random torch-layout weights for `shapes` (`dit_torch_shapes`), distributed as
+    `model.randomize` draws them: weights `N(0, gain^2 / fan_in)`, biases `N(0, 0.1^2)`. Every
+    parameter is random, adaLN-Zero ones included, so no block is the identity."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in shapes.items():
+        std = 0.1 if len(shape) == 1 else gain / np.sqrt(np.prod(shape[1:]))
+        out[key] = (std * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
 # ----------------------------------------------------------------------------- VAE
 
 
 def _vae_expected(cfg) -> dict:
-    from lsd_jax.vae import OasisVAE
-
     abstract = nnx.eval_shape(lambda: OasisVAE(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
@@ -276,8 +290,6 @@ def vae_to_torch(cfg, params) -> dict[str, np.ndarray]:
 
 def vae_from_params(cfg, params):
     """An `OasisVAE` holding `params` (a nested dict as `vae_from_torch` returns)."""
-    from lsd_jax.vae import OasisVAE
-
     graphdef, state = nnx.split(nnx.eval_shape(lambda: OasisVAE(cfg, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -318,3 +330,53 @@ def save_safetensors(path: str | Path, state_dict: Mapping[str, np.ndarray]) -> 
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+
+
+# ----------------------------------------------------------------------------- Oasis checkpoint
+
+
+def vae_config(overrides: Sequence[str]) -> VAEConfig:
+    """A `VAEConfig` from `vae.FIELD=value` overrides, all set at once (so the order of e.g.
+    `vae.frame_height` and `vae.patch_size` does not matter)."""
+    defaults = dataclasses.asdict(VAEConfig())
+    values = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        name = key[len("vae."):]
+        if name not in defaults:
+            raise ConfigError(f"unknown config key {key!r}: VAEConfig has no field {name!r} "
+                              f"(fields: {', '.join(defaults)})")
+        kind = type(defaults[name])
+        try:
+            values[name] = kind(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from None
+    return VAEConfig(**values)
+
+
+def convert_oasis(cfg: Config, vae_overrides: Sequence[str], dit: str | Path, vae: str | Path,
+                  out: str | Path) -> dict:
+    """Write the checkpoint directory `out` (every lsd command reads it) of the Oasis DiT of
+    `cfg` (codec `oasis_vae`) and its ViT-VAE, shaped by `vae_overrides` (`vae.FIELD=value`,
+    `vae_config`), from their torch state dicts in the files `dit` and `vae`. Returns a summary:
+    tensors read, rotary entries ignored, parameters, the VAE's config."""
+    if cfg.codec != "oasis_vae":
+        raise ConfigError(f"config {cfg.name!r} has codec {cfg.codec!r}, expected 'oasis_vae'")
+    vae_cfg = vae_config(vae_overrides)
+    if (*vae_cfg.grid, vae_cfg.latent_dim) != cfg.model.frame_shape:
+        raise ConfigError(f"the VAE makes {vae_cfg.grid[0]}x{vae_cfg.grid[1]}x"
+                          f"{vae_cfg.latent_dim} latents, the DiT takes "
+                          f"{'x'.join(map(str, cfg.model.frame_shape))} frames")
+    dit_sd = load_state_dict(dit)
+    model = model_from_params(cfg.model, dit_from_torch(cfg.model, dit_sd, str(dit)))
+    vae_sd = load_state_dict(vae)
+    vae_model = vae_from_params(vae_cfg, vae_from_torch(vae_cfg, vae_sd, str(vae)))
+    out = save_model(out, cfg, model)
+    save_vae(out, vae_cfg, vae_model)
+    total, trainable = count_params(model)
+    ignored = sum(k.endswith(IGNORED_SUFFIX) for k in dit_sd)
+    vae_params = sum(x.size for x in jax.tree.leaves(nnx.state(vae_model, nnx.Param)))
+    return {"out": str(out), "config": cfg.name, "dit_keys": len(dit_sd) - ignored,
+            "dit_rotary_entries_ignored": ignored, "dit_params_total": total,
+            "dit_params_trainable": trainable, "vae_keys": len(vae_sd),
+            "vae_params": vae_params, "vae_config": dataclasses.asdict(vae_cfg)}

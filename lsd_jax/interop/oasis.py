@@ -1,5 +1,6 @@
 """Oasis-500M as an action-conditioned world model (docs/OASIS.md "Sampling loop"), two named modes.
 
+    cfg, model, codec = load_world_model(checkpoint)   # written by `lsd convert oasis`
     frames = generate(cfg, model, codec, start_frames_thwc, actions_tx, num_frames,
                       mode="recompute", seed=0)
 
@@ -31,11 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsd_jax.codec import resize_and_crop
+from lsd_jax.checkpoint import load_model
+from lsd_jax.codec import VAECodec, make_codec, resize_and_crop
 from lsd_jax.config import Config
 from lsd_jax.diffusion import initial_noise, make_process
 from lsd_jax.errors import ConfigError, FrameError
 from lsd_jax.model import jitted_apply
+from lsd_jax.streaming import context_frame, init_stream, make_latent_step, read_cache, write_cache
+from lsd_jax.video import Mp4Writer
 
 MODES = ("recompute", "banded-cache")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -119,8 +123,6 @@ def sample_recompute(cfg: Config, model, start_bthwc, actions_btx, num_frames: i
     """Exact Oasis: for each new frame and each DDIM step, the last `window` frames (clean
     history labelled t_ctx, then the new frame) through the full forward. Returns latents
     `[b, num_frames, h, w, c]` (the start frames first)."""
-    from lsd_jax.streaming import context_frame
-
     process = make_process(cfg.diffusion)
     levels, _ = process.sampling_schedule(cfg.diffusion.sample_steps)
     window = cfg.model.window
@@ -147,8 +149,6 @@ def sample_recompute(cfg: Config, model, start_bthwc, actions_btx, num_frames: i
 def sample_banded_cache(cfg: Config, model, start_bthwc, actions_btx, num_frames: int, rng):
     """Our streaming step: start frames written into the ring-buffer cache at t_ctx, then one
     jitted step per new frame. Returns latents `[b, num_frames, h, w, c]`."""
-    from lsd_jax.streaming import init_stream, make_latent_step, read_cache, write_cache
-
     process = make_process(cfg.diffusion)
     graphdef, params = nnx.split(model)
     batch, prompt = start_bthwc.shape[:2]
@@ -175,6 +175,14 @@ def sample_banded_cache(cfg: Config, model, start_bthwc, actions_btx, num_frames
 SAMPLERS = {"recompute": sample_recompute, "banded-cache": sample_banded_cache}
 
 
+def load_world_model(checkpoint: str | Path, overrides=()):
+    """`(cfg, model, codec)` of a checkpoint written by `lsd convert oasis`: the DiT with its
+    config (`overrides`: how it runs, e.g. `diffusion.sample_steps=5`) and the ViT-VAE codec
+    stored beside it."""
+    cfg, model = load_model(checkpoint, overrides)
+    return cfg, model, make_codec(cfg, checkpoint)
+
+
 def generate(cfg: Config, model, codec, start_frames_thwc: np.ndarray, actions_tx: np.ndarray,
              num_frames: int, mode: str, seed: int = 0) -> np.ndarray:
     """uint8 RGB video `[num_frames, H, W, 3]`: the start frames (re-decoded) then generated ones.
@@ -187,14 +195,17 @@ def generate(cfg: Config, model, codec, start_frames_thwc: np.ndarray, actions_t
     if actions_tx.shape != (num_frames, cfg.model.external_cond_dim):
         raise ConfigError(f"actions are {'x'.join(map(str, actions_tx.shape))}, expected "
                           f"{num_frames}x{cfg.model.external_cond_dim}")
-    from lsd_jax.codec import VAECodec
-
     # The VAE's weights go in as arguments, not as constants baked into the compiled code.
     graphdef, vae_state = nnx.split(codec.vae)
     encode_fn = jax.jit(lambda s, f: VAECodec(nnx.merge(graphdef, s)).encode(f))
     decode_fn = jax.jit(lambda s, z: VAECodec(nnx.merge(graphdef, s)).decode(z))
-    encode = lambda f: encode_fn(vae_state, f)  # noqa: E731
-    decode = lambda z: decode_fn(vae_state, z)  # noqa: E731
+
+    def encode(frames):
+        return encode_fn(vae_state, frames)
+
+    def decode(latents):
+        return decode_fn(vae_state, latents)
+
     start_bthwc = jnp.stack([encode(f[None]) for f in start_frames_thwc], 1)
     latents = SAMPLERS[mode](cfg, model, start_bthwc, jnp.asarray(actions_tx)[None], num_frames,
                              jax.random.PRNGKey(seed))
@@ -203,8 +214,6 @@ def generate(cfg: Config, model, codec, start_frames_thwc: np.ndarray, actions_t
 
 def write_video(path: str | Path, frames_thwc: np.ndarray, fps: float = 20.0) -> None:
     """uint8 RGB `[T, H, W, 3]` to a video file (mp4v)."""
-    from lsd_jax.video import Mp4Writer
-
     _, h, w, _ = frames_thwc.shape
     with Mp4Writer(path, fps, (w, h)) as video:
         for frame in frames_thwc:

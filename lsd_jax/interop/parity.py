@@ -1,4 +1,5 @@
-"""Parity of the JAX model with the PyTorch reference (`lsd parity`), given the same weights.
+"""Parity of the JAX model with the PyTorch reference (`lsd parity`), given the same weights. Needs
+torch (the `torch` extra).
 
     models = build_pair(cfg, torch_checkpoint=None, seed=0)   # random weights unless a file
     results = run_parity(cfg, models)                         # list of CheckResult
@@ -21,16 +22,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 from flax import nnx
 
 from lsd_jax.config import Config
-from lsd_jax.diffusion import initial_noise
-from lsd_jax.model import jitted_apply
+from lsd_jax.diffusion import initial_noise, make_process
+from lsd_jax.interop.convert import (
+    dit_from_torch,
+    dit_torch_shapes,
+    load_state_dict,
+    random_state_dict,
+    to_numpy,
+)
+from lsd_jax.interop.torch_ref import streaming as torch_streaming
+from lsd_jax.interop.torch_ref.diffusion import flow_matching_loss
+from lsd_jax.interop.torch_ref.diffusion import reference_sample as torch_reference_sample
+from lsd_jax.interop.torch_ref.dit import TorchDiT
+from lsd_jax.model import jitted_apply, model_from_params
+from lsd_jax.objectives import apply_model, loss_fn, sample_noise_levels
+from lsd_jax.streaming import init_stream, make_latent_step, reference_sample
 
 TOLERANCES = {"forward": 1e-5, "trajectory": 1e-4, "loss": 1e-5, "streaming": 1e-5}
 
@@ -68,29 +85,11 @@ class ModelPair:
     source: str
 
 
-def random_state_dict(shapes: dict, seed: int = 0, gain: float = 0.7) -> dict:
-    """Random torch-layout weights for `shapes` (`convert.dit_torch_shapes`), distributed as
-    `model.randomize` draws them: weights `N(0, gain^2 / fan_in)`, biases `N(0, 0.1^2)`. Every
-    parameter is random, adaLN-Zero ones included, so no block is the identity."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in shapes.items():
-        std = 0.1 if len(shape) == 1 else gain / np.sqrt(np.prod(shape[1:]))
-        out[key] = (std * rng.standard_normal(shape)).astype(np.float32)
-    return out
-
-
 def build_pair(cfg: Config, torch_checkpoint: str | Path | None = None, seed: int = 0,
                gain: float = 0.7) -> ModelPair:
     """The JAX DiT and the torch reference holding the same weights: those of
     `torch_checkpoint` (a torch state dict with Oasis names, `.safetensors` or `.pt`), or random
     ones (`random_state_dict`)."""
-    import torch
-
-    from lsd_jax.interop.convert import dit_from_torch, dit_torch_shapes, load_state_dict, to_numpy
-    from lsd_jax.interop.torch_ref.dit import TorchDiT
-    from lsd_jax.model import model_from_params
-
     if torch_checkpoint is None:
         state_dict = random_state_dict(dit_torch_shapes(cfg.model), seed, gain)
         source = f"random weights (seed {seed})"
@@ -134,9 +133,12 @@ def frame_noise(rng, batch: int, frame_shape, frames: int, *, fixed: bool = Fals
 
 
 def _torch(a):
-    import torch
-
     return None if a is None else torch.from_numpy(np.array(a))
+
+
+def _frame(a, i: int):
+    """Frame `i` of per-frame inputs `[b, t, ...]` (None stays None)."""
+    return None if a is None else a[:, i]
 
 
 def _jnp(a):
@@ -145,8 +147,6 @@ def _jnp(a):
 
 def _time_steps(cfg: Config, batch: int, frames: int, rng: np.random.Generator):
     """Random per-frame network inputs: model time of a random level and a shortcut step size."""
-    from lsd_jax.diffusion import make_process
-
     process = make_process(cfg.diffusion)
     level_bt = np.asarray(process.sample_levels(jax.random.PRNGKey(int(rng.integers(1 << 30))),
                                                 (batch, frames)))
@@ -156,8 +156,6 @@ def _time_steps(cfg: Config, batch: int, frames: int, rng: np.random.Generator):
 
 
 def check_forward(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -> CheckResult:
-    import torch
-
     rng = np.random.default_rng(seed)
     frames = 2 * cfg.model.window
     x = rng.standard_normal((batch, frames, *cfg.model.frame_shape)).astype(np.float32)
@@ -175,9 +173,6 @@ def check_forward(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -
 
 def check_trajectory(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 1,
                      frames: int | None = None) -> CheckResult:
-    from lsd_jax.interop.torch_ref.diffusion import reference_sample as torch_reference_sample
-    from lsd_jax.streaming import reference_sample
-
     frames = cfg.model.window + 1 if frames is None else frames
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, frames)
     key = jax.random.PRNGKey(seed)
@@ -202,10 +197,6 @@ def loss_config(cfg: Config) -> Config:
 
 
 def check_loss(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -> CheckResult:
-    from lsd_jax.diffusion import make_process
-    from lsd_jax.interop.torch_ref.diffusion import flow_matching_loss
-    from lsd_jax.objectives import apply_model, loss_fn, sample_noise_levels
-
     cfg = loss_config(cfg)
     process = make_process(cfg.diffusion)
     rng = np.random.default_rng(seed)
@@ -233,12 +224,8 @@ def check_loss(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2) -> C
 
 def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
                     frames: int | None = None) -> CheckResult:
-    from lsd_jax.interop.torch_ref import streaming as torch_streaming
-    from lsd_jax.streaming import init_stream, make_latent_step
-
     frames = 3 * cfg.model.window if frames is None else frames
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, frames)
-    at = lambda a, i: None if a is None else a[:, i]  # noqa: E731
     key = jax.random.PRNGKey(seed)
 
     graphdef, state_params = nnx.split(pair.jax_model)
@@ -246,8 +233,8 @@ def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
     state = init_stream(cfg, batch, key)
     out_jax = []
     for i in range(frames):
-        state, x0 = step(state_params, state, _jnp(at(cond["cond_bthwc"], i)),
-                         _jnp(cond["prompt_bp"]), _jnp(at(cond["external_btx"], i)))
+        state, x0 = step(state_params, state, _jnp(_frame(cond["cond_bthwc"], i)),
+                         _jnp(cond["prompt_bp"]), _jnp(_frame(cond["external_btx"], i)))
         out_jax.append(np.asarray(x0))
 
     noise, ctx_eps = frame_noise(key, batch, cfg.model.frame_shape, frames,
@@ -257,8 +244,9 @@ def check_streaming(cfg: Config, pair: ModelPair, seed: int = 0, batch: int = 2,
     out_torch = []
     for i in range(frames):
         torch_state, x0 = torch_step(torch_state, _torch(noise[i]),
-                                     _torch(at(cond["cond_bthwc"], i)), _torch(cond["prompt_bp"]),
-                                     _torch(at(cond["external_btx"], i)), _torch(ctx_eps[i]))
+                                     _torch(_frame(cond["cond_bthwc"], i)),
+                                     _torch(cond["prompt_bp"]),
+                                     _torch(_frame(cond["external_btx"], i)), _torch(ctx_eps[i]))
         out_torch.append(x0.numpy())
     return compare("streaming", np.stack(out_jax, 1), np.stack(out_torch, 1),
                    f"{batch} streams x {frames} frames, {cfg.diffusion.sample_steps} steps + "
@@ -290,26 +278,17 @@ def bench_parity_speed(cfg: Config, *, frames: int = 50, warmup: int = 5, batch:
     torch eager, and `torch.compile` of the stream pass where it works. Every frame blocks on its
     result; the implementations take turns frame by frame (`interleave`) or run one after the
     other. `threads` (default: all CPUs) is given to torch; XLA's CPU client uses all CPUs."""
-    import os
-    import time
-
-    import torch
-
-    from lsd_jax.interop.torch_ref import streaming as torch_streaming
-    from lsd_jax.streaming import init_stream, make_latent_step
-
     threads = os.cpu_count() if threads is None else threads
     torch.set_num_threads(threads)
     steps = cfg.diffusion.sample_steps if steps is None else steps
     pair = build_pair(cfg, seed=seed)
     pool = 8
     cond = random_conditioning(cfg, np.random.default_rng(seed), batch, pool)
-    at = lambda a, i: None if a is None else a[:, i % pool]  # noqa: E731
 
     graphdef, params = nnx.split(pair.jax_model)
     step = jax.jit(make_latent_step(cfg, graphdef, steps=steps), donate_argnames="state")
-    jax_inputs = [(_jnp(at(cond["cond_bthwc"], i)), _jnp(cond["prompt_bp"]),
-                   _jnp(at(cond["external_btx"], i))) for i in range(pool)]
+    jax_inputs = [(_jnp(_frame(cond["cond_bthwc"], i)), _jnp(cond["prompt_bp"]),
+                   _jnp(_frame(cond["external_btx"], i))) for i in range(pool)]
     state = init_stream(cfg, batch, seed)
     t0 = time.perf_counter()
     compiled = step.lower(params, state, *jax_inputs[0]).compile()
@@ -324,8 +303,8 @@ def bench_parity_speed(cfg: Config, *, frames: int = 50, warmup: int = 5, batch:
     results = {"jax_jit": {"compile_s": jax_compile_s}}
 
     noise, ctx_eps = torch.randn(2, pool, batch, *cfg.model.frame_shape)
-    torch_inputs = [(noise[i], _torch(at(cond["cond_bthwc"], i)), _torch(cond["prompt_bp"]),
-                     _torch(at(cond["external_btx"], i)), ctx_eps[i]) for i in range(pool)]
+    torch_inputs = [(noise[i], _torch(_frame(cond["cond_bthwc"], i)), _torch(cond["prompt_bp"]),
+                     _torch(_frame(cond["external_btx"], i)), ctx_eps[i]) for i in range(pool)]
     variants = [("torch_eager", False)] + ([("torch_compile", True)] if with_compile else [])
     for name, use_compile in variants:
         torch_step = torch_streaming.make_stream_step(cfg, pair.torch_model, steps=steps,

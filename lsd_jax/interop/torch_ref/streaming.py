@@ -71,8 +71,13 @@ def make_stream_step(cfg, model: TorchDiT, *, steps: int | None = None, compile:
         batch = noise_bhwc.shape[0]
         k, v, valid = read_cache(cfg, model, state)
         kwargs = dict(cond_bhwc=cond_bhwc, prompt_bp=prompt_bp, external_bx=external_bx)
-        full = lambda value: torch.full((batch,), float(value))  # noqa: E731
-        step_b = lambda d: full(d) if m.use_step_size else None  # noqa: E731
+
+        def full(value):
+            return torch.full((batch,), float(value))
+
+        def step_b(d):
+            return full(d) if m.use_step_size else None
+
         x = noise_bhwc
         for t, t_next, d in zip(levels[:-1], levels[1:], step_sizes, strict=True):
             pred, _, _ = stream_pass(process.network_input(x, float(t)),

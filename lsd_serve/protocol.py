@@ -1,0 +1,159 @@
+"""The WebSocket frame protocol (PROTOCOL.md) with one client: its `ready` message, then the JPEG
+frames and JSON control messages it sends, each checked and answered, until it leaves or sends
+no frame for `--idle-timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import WSMsgType
+
+from lsd_serve.engine import Engine
+from lsd_serve.frame_loop import FrameLoop
+from lsd_serve.jpeg import decode_jpeg, jpeg_size
+from lsd_serve.metrics import Metrics
+from lsd_serve.options import ServerOptions
+from lsd_serve.sessions import Session, error_message
+
+PROTOCOL_VERSION = 1
+MAX_PROMPT_CHARS = 500
+
+
+class Client:
+    """The conversation of one connected session with the server's frame loop."""
+
+    def __init__(self, session: Session, loop: FrameLoop, engine: Engine,
+                 options: ServerOptions, metrics: Metrics):
+        self.session, self.loop, self.engine = session, loop, engine
+        self.options, self.metrics = options, metrics
+
+    async def hello(self) -> None:
+        """The `ready` message: the session, the frame size and what the client may ask for."""
+        engine, options, session = self.engine, self.options, self.session
+        height, width = engine.frame_hw
+        await session.send({
+            "type": "ready", "protocol": PROTOCOL_VERSION, "session": session.id,
+            "frame_width": width, "frame_height": height, "steps": session.steps,
+            "step_choices": list(engine.steps), "prompt": session.prompt,
+            "max_message_bytes": options.max_message_bytes, "deadline_ms": options.deadline_ms,
+            "engine": engine.describe, "untrained": engine.untrained})
+
+    async def converse(self) -> None:
+        """Answer the client's messages until it leaves or idles out."""
+        ws = self.session.ws
+        idle_s = self.options.idle_timeout_s
+        last_frame = time.monotonic()
+        while True:
+            wait_s = None if idle_s is None else idle_s - (time.monotonic() - last_frame)
+            try:
+                msg = await ws.receive(timeout=None if wait_s is None else max(wait_s, 1e-3))
+            except TimeoutError:
+                await self.reply_error("idle", f"no frame for {idle_s:g} s (the server's "
+                                       "--idle-timeout): closing this session")
+                await ws.close(code=1000, message=b"idle timeout")
+                break
+            if msg.type == WSMsgType.BINARY:
+                last_frame = time.monotonic()
+                await self.on_frame(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await self.on_control(msg.data)
+            else:  # closing, closed or a transport error
+                break
+
+    async def reply_error(self, code: str, message: str) -> None:
+        self.metrics.errors.labels(code).inc()
+        await self.session.send(error_message(code, message))
+
+    async def on_frame(self, data: bytes) -> None:
+        """A JPEG frame: checked on its header, decoded off the event loop, handed to the loop."""
+        max_bytes = self.options.max_message_bytes
+        height, width = self.engine.frame_hw
+        if len(data) > max_bytes:
+            return await self.reply_error("too_large", f"message of {len(data)} bytes, expected "
+                                          f"at most {max_bytes}")
+        if data[:2] != b"\xff\xd8":
+            return await self.reply_error("bad_jpeg", "binary message is not a JPEG (expected "
+                                          "bytes starting FF D8)")
+        size = jpeg_size(data)
+        if size is None:
+            return await self.reply_error("bad_jpeg", f"JPEG of {len(data)} bytes has no readable "
+                                          "frame header (SOF) before its image data")
+        # The size is checked on the header: a small file can declare a huge image, whose
+        # decoding would take seconds; decoding runs off the event loop, which serves everyone.
+        if size != (width, height):
+            return await self.reply_error("bad_size", f"frame is {size[0]}x{size[1]} (WxH), "
+                                          f"expected {width}x{height}")
+        frame_hwc = await asyncio.to_thread(decode_jpeg, data)
+        if frame_hwc is None or frame_hwc.shape[:2] != (height, width):
+            return await self.reply_error("bad_jpeg", f"JPEG of {len(data)} bytes cannot be "
+                                          "decoded")
+        self.loop.put_frame(self.session, frame_hwc)
+
+    async def on_control(self, text: str) -> None:
+        """A JSON control message: prompt, nearest, reset, steps or stats."""
+        max_bytes = self.options.max_message_bytes
+        if len(text.encode()) > max_bytes:
+            return await self.reply_error("too_large", f"message of {len(text.encode())} bytes, "
+                                          f"expected at most {max_bytes}")
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as err:
+            return await self.reply_error("bad_json", f"text message is not JSON: {err}")
+        except RecursionError:
+            return await self.reply_error("bad_json", "text message nests arrays or objects too "
+                                          "deeply to parse, expected a flat {\"type\": ...} "
+                                          "object")
+        if not isinstance(message, dict):
+            return await self.reply_error("bad_json", "text message is JSON but not an object, "
+                                          "expected {\"type\": ...}")
+        kind, msg_id = message.get("type"), message.get("id")
+        ack = {"type": "ack", "of": kind, "id": msg_id}
+        handlers = {"prompt": self._prompt, "nearest": self._nearest, "reset": self._reset,
+                    "steps": self._steps, "stats": self._stats}
+        handler = handlers.get(kind) if isinstance(kind, str) else None  # "type" may be any JSON
+        if handler is None:
+            return await self.reply_error("unknown_type", f"message type {kind!r}, expected one "
+                                          "of prompt, nearest, reset, steps, stats")
+        return await handler(message, ack)
+
+    async def _prompt(self, message: dict, ack: dict) -> None:
+        prompt = message.get("text")
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+            return await self.reply_error("bad_value", f"prompt text {prompt!r:.60}, expected a "
+                                          f"string of at most {MAX_PROMPT_CHARS} chars")
+        await self.loop.set_prompt_async(self.session, prompt)
+        return await self.session.send({**ack, "prompt": prompt})
+
+    async def _nearest(self, message: dict, ack: dict) -> None:
+        text = message.get("text")
+        if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+            return await self.reply_error("bad_value", f"nearest text {text!r:.60}, expected a "
+                                          f"string of at most {MAX_PROMPT_CHARS} chars")
+        near = await asyncio.to_thread(self.engine.nearest_trained, text)
+        near = near or {"nearest": None, "similarity": None, "trained": None, "near": None}
+        encoder = self.engine.prompt_encoder
+        return await self.session.send({**ack, "type": "nearest", "text": text, **near,
+                                        "encoder": None if encoder is None else encoder.name})
+
+    async def _reset(self, message: dict, ack: dict) -> None:
+        self.session.reset_requested = True
+        return await self.session.send(ack)
+
+    async def _steps(self, message: dict, ack: dict) -> None:
+        steps = message.get("steps")
+        if type(steps) is not int or steps not in self.engine.steps:
+            return await self.reply_error("bad_value", f"steps {steps!r}, expected one of "
+                                          f"{list(self.engine.steps)}")
+        self.session.steps = steps
+        return await self.session.send({**ack, "steps": steps})
+
+    async def _stats(self, message: dict, ack: dict) -> None:
+        session = self.session
+        return await session.send({
+            **ack, "type": "stats", "frames_in": session.frames_in,
+            "frames_out": session.frames_out, "dropped": session.dropped,
+            "prompt": session.prompt, "steps": session.steps,
+            "sessions": len(self.loop.sessions)})
