@@ -5,6 +5,7 @@ imports it.
 - `main`: the parser and `main`, which runs a command and turns user errors into one line;
 - `args`: argument types, and `--config` with trailing `key.path=value` overrides;
 - `output`: how results are printed for a reader;
+- `platforms`: which JAX platforms a command may start (no TPU probing without a TPU);
 - `info`: `lsd info`; `bench`: `lsd bench step`, `lsd bench kernels` (the other groups add their
   own benchmarks to `lsd bench`);
 - `interop`: `lsd convert oasis`, `lsd parity`, `lsd bench parity-speed`, `lsd oasis`;

@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from lsd_cli import bench, data, evaluate, info, interop, kernels, serve, train
+from lsd_cli import bench, data, evaluate, info, interop, kernels, platforms, serve, train
 from lsd_jax.errors import USER_ERRORS
 
 # The groups whose `register(commands, bench)` adds their commands after `lsd info` and
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `lsd` with `argv` (default `sys.argv[1:]`); returns the exit status."""
+    # Before any command starts JAX: no TPU platform (and no libtpu probing) unless one is
+    # attached or JAX_PLATFORMS asks for it (lsd_cli/platforms.py).
+    platforms.choose()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow later options (`--config x --json a.b=1`); argparse leaves those.
