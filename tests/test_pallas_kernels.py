@@ -245,6 +245,29 @@ def test_bench_kernels_reports_every_kernel(capsys):
         assert k["timing"].startswith("no GPU or TPU here")
 
 
+def test_bench_kernels_json_with_the_tpu_compile(capsys):
+    """`lsd bench kernels --json` with the TPU ahead-of-time compile on (its report once held the
+    compiled executable, which `json.dumps` refused): one JSON object, each kernel's compile
+    reported as data."""
+    import json
+
+    from lsd_cli.main import main
+
+    pytest.importorskip("libtpu", reason="libtpu is not installed (the kernels extra)")
+    from lsd_kernels import tpu_aot
+
+    try:
+        tpu_aot.topology_devices("v5e:2x2")
+    except tpu_aot.TpuCompileUnavailable as err:
+        pytest.skip(str(err))
+    assert main(["bench", "kernels", "--config", str(CONFIGS / "tiny.py"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for k in result["kernels"]:
+        tpu = k["tpu_compile"]
+        assert tpu.get("compiled") is True, tpu
+        assert "executable" not in tpu and tpu["memory"]["argument"] > 0
+
+
 @pytest.mark.parametrize("preset", ["lsd_base_gpu", "oasis_500m_gpu"])
 def test_gpu_presets_select_the_triton_kernels(preset):
     """The gpu presets differ from their base config only in the kernels and bf16 compute, and
