@@ -159,10 +159,11 @@ def context_frame(cfg: Config, process, x0, key):
 
 
 def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool = False,
-              codec=None):
+              codec=None, jit: bool = True):
     """The jitted pixel-space step: uint8 `[b, H, W, 3]` in and out, state donated; frames go
     through `codec` (default `make_codec(cfg)`, the pixel codec; a latent model's VAE codec is
-    loaded from its directory by the caller).
+    loaded from its directory by the caller). `jit=False` returns the function un-jitted, for a
+    caller that traces it inside its own `jax.jit` (a nested jit cannot take compiler options).
 
     `step(params, state, frame_bhwc, prompt_bp=None, external_bx=None, codec_params=None)
     -> (state, out_bhwc)`. A codec with weights (the VAE) takes them as the `codec_params`
@@ -186,6 +187,8 @@ def make_step(cfg: Config, graphdef, *, steps: int | None = None, unroll: bool =
         state, x0_bhwc = latent_step(params, state, cond, prompt_bp, external_bx)
         return state, bound.decode(x0_bhwc)
 
+    if not jit:
+        return step
     return jax.jit(step, donate_argnames="state", compiler_options=step_compiler_options())
 
 

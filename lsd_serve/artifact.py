@@ -50,6 +50,7 @@ from lsd_jax.config import dtype_of
 from lsd_jax.errors import ArtifactError, PromptError
 from lsd_jax.prompt import encoder_from_record, legacy_encoder_record
 from lsd_jax.stream_state import STATE_FIELDS, StreamState
+from lsd_jax.xla_options import step_compiler_options
 
 MAGIC = b"LSDX\r\n\x1a\n"
 FORMAT = "lsd-jax-step"
@@ -134,7 +135,9 @@ class Artifact:
                 *new_state, out_bhwc = call(params_list, *state, frame_bhwc, *extra)
                 return StreamState(*new_state), out_bhwc
 
-            self._compiled[key] = jax.jit(run, donate_argnums=0)
+            # Compiled as the in-process step is (lsd_jax.xla_options), so outputs are the same.
+            self._compiled[key] = jax.jit(run, donate_argnums=0,
+                                          compiler_options=step_compiler_options())
         return self._compiled[key]
 
 

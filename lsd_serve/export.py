@@ -64,7 +64,7 @@ def prompt_handling(cfg: Config) -> dict:
 def _flat_step(cfg: Config, graphdef, params_treedef, steps: int, codec):
     """`make_step`'s jitted step wrapped to take and return flat arrays only; the flat parameters
     are the model's, then the codec's (the pair `(model params, codec params)` flattened)."""
-    step = make_step(cfg, graphdef, steps=steps, codec=codec)
+    step = make_step(cfg, graphdef, steps=steps, codec=codec, jit=False)  # traced in flat's jit
     has_prompt = cfg.model.prompt_dim > 0
     has_external = cfg.model.external_cond_dim > 0
 
