@@ -167,7 +167,7 @@ def _run_serve(args) -> int:
         max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
         deadline_ms=args.deadline_ms, default_prompt=args.prompt, seed=args.seed,
         precompile=args.precompile, gather_ms=args.gather_ms,
-        idle_timeout_s=args.idle_timeout or None)
+        idle_timeout_s=args.idle_timeout or None, send_timeout_s=args.send_timeout or None)
     _say(f"lsd serve: {engine.describe}")
     serve_forever(engine, options)
     return 0
@@ -270,9 +270,13 @@ def register(commands, bench) -> None:
     serve.add_argument("--precompile", action="store_true",
                        help="compile every batch size and step count before accepting clients "
                             "(slower start; no compile pause when a session joins)")
-    serve.add_argument("--gather-ms", type=float, default=0.0,
+    serve.add_argument("--gather-ms", type=_non_negative_float, default=None,
                        help="wait this long after a frame for other sessions' frames, to step "
-                            "them together (default 0: step at once)")
+                            "them together (default: for the sessions of the last batch, a "
+                            "quarter of the last step's time at most; 0: step at once)")
+    serve.add_argument("--send-timeout", type=_non_negative_float, default=10.0, metavar="S",
+                       help="disconnect a client that does not take a message within S seconds "
+                            "(default 10; 0: wait forever)")
     serve.add_argument("--idle-timeout", type=_non_negative_float, default=60.0, metavar="S",
                        help="close a session that sent no frame for S seconds, freeing its slot "
                             "(default 60; 0: never)")

@@ -38,6 +38,9 @@ class Metrics:
             buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12), registry=r)
         self.steps_used = Counter("lsd_frames_by_steps", "frames made, by denoising steps used",
                                   ["steps"], registry=r)
+        self.outputs_dropped = Counter(
+            "lsd_outputs_dropped", "output frames not sent: the session's previous one was still "
+            "on its way (a client reading slower than it sends)", registry=r)
         self.steps_reduced = Counter(
             "lsd_frames_steps_reduced", "frames made with fewer steps than requested (deadline)",
             registry=r)
