@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 
 from aiohttp import WSMsgType
@@ -20,6 +21,7 @@ from lsd_serve.sessions import Session, error_message
 
 PROTOCOL_VERSION = 1
 MAX_PROMPT_CHARS = 500
+MAX_INT_DIGITS = 100
 
 
 class Client:
@@ -99,8 +101,9 @@ class Client:
             return await self.reply_error("too_large", f"message of {len(text.encode())} bytes, "
                                           f"expected at most {max_bytes}")
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError as err:
+            message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                                 parse_int=_short_int)
+        except ValueError as err:  # JSONDecodeError, a non-finite or too long number
             return await self.reply_error("bad_json", f"text message is not JSON: {err}")
         except RecursionError:
             return await self.reply_error("bad_json", "text message nests arrays or objects too "
@@ -109,6 +112,10 @@ class Client:
         if not isinstance(message, dict):
             return await self.reply_error("bad_json", "text message is JSON but not an object, "
                                           "expected {\"type\": ...}")
+        bad = _invalid_text(message)
+        if bad is not None:
+            return await self.reply_error("bad_value", f"text {bad!a:.60} holds a lone UTF-16 "
+                                          "surrogate, expected valid Unicode")
         kind, msg_id = message.get("type"), message.get("id")
         ack = {"type": "ack", "of": kind, "id": msg_id}
         handlers = {"prompt": self._prompt, "nearest": self._nearest, "reset": self._reset,
@@ -157,3 +164,45 @@ class Client:
             "frames_out": session.frames_out, "dropped": session.dropped,
             "prompt": session.prompt, "steps": session.steps,
             "sessions": len(self.loop.sessions)})
+
+
+def _refuse_constant(name: str):
+    """`json.loads` hook: NaN, Infinity and -Infinity are not JSON (a browser cannot parse them
+    back), so a message holding one is refused."""
+    raise ValueError(f"{name} is not a JSON number, expected a finite number")
+
+
+def _finite_float(text: str) -> float:
+    """`json.loads` hook: a number too large for a float (1e999) is refused, not made infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]!r} is out of range, expected a finite number")
+    return value
+
+
+def _short_int(text: str) -> int:
+    """`json.loads` hook: an integer of more than `MAX_INT_DIGITS` digits is refused (no message
+    needs one; converting a long one costs time)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits, expected at most "
+                         f"{MAX_INT_DIGITS}")
+    return int(text)
+
+
+def _invalid_text(message) -> str | None:
+    """The first string (key or value) in a parsed message holding a lone UTF-16 surrogate
+    (`"\\ud800"` parses to one; it has no UTF-8 encoding), else None."""
+    stack = [message]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return item
+    return None
