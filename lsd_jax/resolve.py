@@ -6,7 +6,8 @@
     resolved = resolve_model(cfg=cfg, seed=0)     # an untrained model of `cfg` (random weights)
 
 `resolved.describe` says where the weights come from, `resolved.untrained` is True for random
-weights, and `resolved.trained_prompts` are the prompts recorded with the weights.
+weights, and `resolved.trained_prompts` are the prompts recorded with the weights;
+`resolved.name` names the model without a path (`demo`, the directory's base name).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ResolvedModel(NamedTuple):
     untrained: bool
     trained_prompts: tuple[str, ...]
     codec_dir: Path | None = None  # a model directory holding its codec (vae.json), if any
+    name: str = ""  # what a server tells its clients: "demo", a directory's base name, no path
 
 
 def untrained_model(cfg: Config, seed: int = 0):
@@ -59,12 +61,14 @@ def resolve_model(checkpoint: str | Path | None = None, *, cfg: Config | None = 
         ckpt_cfg, model = load_model(directory, overrides)
         codec_dir = directory if (directory / "vae.json").is_file() else None
         return ResolvedModel(ckpt_cfg, model, f"checkpoint {checkpoint}", False,
-                             load_trained_prompts(directory), codec_dir)
+                             load_trained_prompts(directory), codec_dir,
+                             Path(checkpoint).absolute().name)
     if cfg is None:
         directory = demo_model_dir()
         demo_cfg, model = load_model(directory, overrides)
         return ResolvedModel(demo_cfg, model, f"built-in demo model {directory}", False,
-                             load_trained_prompts(directory))
+                             load_trained_prompts(directory), name="demo")
     return ResolvedModel(cfg, untrained_model(cfg, seed),
                          f"UNTRAINED {cfg.name} model (random weights, seed {seed}): the output "
-                         "shows the pipeline running, not a style", True, ())
+                         "shows the pipeline running, not a style", True, (),
+                         name=f"untrained {cfg.name}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lsd_serve.access import authorised, origin_allowed
+from lsd_serve.access import authorised, host_allowed, origin_allowed
 from lsd_serve.engine import Engine
 from lsd_serve.frame_loop import FrameLoop
 from lsd_serve.metrics import Metrics
@@ -47,11 +47,21 @@ class ServerApp:
     async def index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html")
 
+    @web.middleware
+    async def check_host(self, request: web.Request, handler):
+        """Every HTTP request but the WebSocket's (which checks its Origin) must name this server
+        in its Host header, or carry the token (`lsd_serve.access.host_allowed`)."""
+        if request.path != "/ws" and not host_allowed(request, self.options):
+            return web.Response(status=403, text=f"Host {request.headers.get('Host', '')!r} is "
+                                                 "not this server's (its address or an "
+                                                 "--allow-origin)\n")
+        return await handler(request)
+
     async def healthz(self, request: web.Request) -> web.Response:
         engine = self.engine
         return web.json_response({"status": "ok", "sessions": len(self.loop.sessions),
                                   "max_sessions": self.options.max_sessions,
-                                  "frames_out": self.loop.frames_done, "engine": engine.describe,
+                                  "frames_out": self.loop.frames_done, "engine": engine.name,
                                   "untrained": engine.untrained})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
@@ -89,7 +99,7 @@ class ServerApp:
 def make_app(engine: Engine, options: ServerOptions) -> web.Application:
     """The aiohttp application: `/` (the page), `/static/*`, `/ws`, `/healthz`, `/metrics`."""
     server = ServerApp(engine, options)
-    app = web.Application()
+    app = web.Application(middlewares=[server.check_host])
     app.router.add_get("/", server.index)
     app.router.add_get("/healthz", server.healthz)
     app.router.add_get("/metrics", server.metrics_page)

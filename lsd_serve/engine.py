@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lsd_jax.errors import ArtifactError
+from lsd_jax.kernels import current_platform
 from lsd_jax.prompt import NEAR_SIMILARITY, nearest_prompt
 from lsd_jax.stream_state import StreamState
 from lsd_serve.artifact import load_artifact
@@ -35,8 +37,10 @@ from lsd_serve.artifact import load_artifact
 class Engine:
     """A streaming step and what a frame loop needs to know about it.
 
-    `describe` says where the weights come from; `untrained` is True for random weights;
-    `trained_prompts` are the prompts it was trained on (empty when unknown or untrained).
+    `describe` says where the weights come from (for the operator: it may hold paths); `name`
+    names the model for clients (`demo`, a directory's or file's base name, never a path);
+    `untrained` is True for random weights; `trained_prompts` are the prompts it was trained on
+    (empty when unknown or untrained).
     """
 
     frame_hw: tuple[int, int]
@@ -49,6 +53,7 @@ class Engine:
     _init_state: object
     _step_for: object
     trained_prompts: tuple[str, ...] = ()
+    name: str = "model"
 
     @property
     def max_steps(self) -> int:
@@ -101,8 +106,14 @@ class Engine:
 
 
 def artifact_engine(path: str | Path) -> Engine:
-    """An engine running an exported `.lsdx` step (no model code involved)."""
+    """An engine running an exported `.lsdx` step (no model code involved); an artifact not
+    exported for this machine's platform is an `ArtifactError` here, not at its first frame."""
     art = load_artifact(path)
+    here = current_platform()
+    if here not in art.header["platforms"]:
+        raise ArtifactError(f"artifact {str(path)!r} was exported for "
+                            f"{','.join(art.header['platforms'])}; this machine runs {here}: "
+                            f"export it again with --platforms {here}")
     untrained = bool(art.header["untrained"])
     source = art.header["source"] or "unknown weights"
     known = () if untrained else art.trained_prompts
@@ -112,4 +123,5 @@ def artifact_engine(path: str | Path) -> Engine:
                   untrained=untrained, prompt_encoder=art.prompt_encoder(),
                   external_dim=art.header["config"]["model"]["external_cond_dim"],
                   _init_state=art.init_state,
-                  _step_for=lambda batch, k: art.step(batch, k), trained_prompts=known)
+                  _step_for=lambda batch, k: art.step(batch, k), trained_prompts=known,
+                  name=Path(path).name)

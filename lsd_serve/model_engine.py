@@ -23,11 +23,11 @@ from lsd_serve.engine import Engine
 
 def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
                  max_steps: int | None = None, trained_prompts: tuple[str, ...] = (),
-                 codec_dir=None) -> Engine:
+                 codec_dir=None, name: str = "") -> Engine:
     """An engine running `make_step` in process: any batch size, steps 1..`max_steps`;
     `trained_prompts` as recorded with the weights (`lsd_jax.checkpoint.load_trained_prompts`);
     frames through the codec stored in `codec_dir` (a latent model's directory), else the
-    config's pixel codec."""
+    config's pixel codec; `name` what clients are told (default: the config's name)."""
     graphdef, params = nnx.split(model)
     # Weights and state committed to one device, as the step's outputs are: the state a step
     # returns then has the sharding of the one it was given, so the second frame does not compile
@@ -49,7 +49,8 @@ def model_engine(cfg: Config, model, *, describe: str, untrained: bool,
                   external_dim=cfg.model.external_cond_dim,
                   _init_state=lambda batch, seed: jax.device_put(init_stream(cfg, batch, seed),
                                                                  device),
-                  _step_for=step_for, trained_prompts=() if untrained else tuple(trained_prompts))
+                  _step_for=step_for, trained_prompts=() if untrained else tuple(trained_prompts),
+                  name=name or (f"untrained {cfg.name}" if untrained else cfg.name))
 
 
 def resolved_engine(checkpoint: str | None = None, *, cfg: Config | None = None,
@@ -60,4 +61,5 @@ def resolved_engine(checkpoint: str | None = None, *, cfg: Config | None = None,
     resolved = resolve_model(checkpoint, cfg=cfg, seed=seed, overrides=overrides)
     return model_engine(resolved.cfg, resolved.model, describe=resolved.describe,
                         untrained=resolved.untrained, max_steps=max_steps,
-                        trained_prompts=resolved.trained_prompts, codec_dir=resolved.codec_dir)
+                        trained_prompts=resolved.trained_prompts, codec_dir=resolved.codec_dir,
+                        name=resolved.name)

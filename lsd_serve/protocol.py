@@ -41,7 +41,7 @@ class Client:
             "frame_width": width, "frame_height": height, "steps": session.steps,
             "step_choices": list(engine.steps), "prompt": session.prompt,
             "max_message_bytes": options.max_message_bytes, "deadline_ms": options.deadline_ms,
-            "engine": engine.describe, "untrained": engine.untrained})
+            "engine": engine.name, "untrained": engine.untrained})
 
     async def converse(self) -> None:
         """Answer the client's messages until it leaves or idles out."""
