@@ -86,7 +86,8 @@ class ServerApp:
                                "connected; try again later")))
             await ws.close(code=1013, message=b"server full")
             return ws
-        session = self.loop.new_session(next(self.ids), ws, options.default_prompt)
+        session = self.loop.new_session(next(self.ids), ws, options.default_prompt,
+                                        transport=request.transport)
         client = Client(session, self.loop, self.engine, options, self.metrics)
         await client.hello()
         try:

@@ -115,17 +115,19 @@ class FrameLoop:
     async def _apply_prompts(self, session: Session) -> None:
         loop = asyncio.get_running_loop()
         while session.open and session.prompt_applied < session.prompt_asked:
+            # A flood of prompts: at most PROMPT_RATE encodings a second for a session.
+            rest_s = session.prompt_encoded_at + 1.0 / PROMPT_RATE - time.perf_counter()
+            if rest_s > 0:
+                await asyncio.sleep(rest_s)
             asked, text = session.prompt_asked, session.prompt_wanted
-            started = time.perf_counter()
-            vec = (session.prompt_vec if text == session.prompt
-                   else await loop.run_in_executor(self.prompts, self._prompt_vec, text))
-            session.prompt, session.prompt_vec = text, vec
+            if text != session.prompt:
+                session.prompt_encoded_at = time.perf_counter()
+                session.prompt_vec = await loop.run_in_executor(self.prompts, self._prompt_vec,
+                                                                text)
+                session.prompt = text
             async with session.prompt_changed:
                 session.prompt_applied = asked
                 session.prompt_changed.notify_all()
-            rest_s = 1.0 / PROMPT_RATE - (time.perf_counter() - started)
-            if session.prompt_applied < session.prompt_asked and rest_s > 0:
-                await asyncio.sleep(rest_s)  # a flood of prompts: at most PROMPT_RATE a second
 
     def put_frame(self, session: Session, frame_hwc: np.ndarray) -> None:
         """Latest frame wins: replace a frame still waiting, counting it as dropped."""
@@ -248,6 +250,10 @@ class FrameLoop:
                 await session.send_locked(meta, jpeg)
         finally:
             session.outputs_in_flight -= 1
+
+    def spawn(self, coro) -> None:
+        """Run `coro` on its own, kept until done (asyncio holds tasks only weakly)."""
+        self._spawn(coro)
 
     def _spawn(self, coro) -> None:
         """A send that runs on its own (a slow client must not hold up the loop); the task is

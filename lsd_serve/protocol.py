@@ -55,7 +55,8 @@ class Client:
             except TimeoutError:
                 await self.reply_error("idle", f"no frame for {idle_s:g} s (the server's "
                                        "--idle-timeout): closing this session")
-                await ws.close(code=1000, message=b"idle timeout")
+                # bounded: a client that does not read is cut instead of holding its slot
+                await self.session.close(code=1000, message=b"idle timeout")
                 break
             if msg.type == WSMsgType.BINARY:
                 last_frame = time.monotonic()
@@ -131,8 +132,13 @@ class Client:
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             return await self.reply_error("bad_value", f"prompt text {prompt!r:.60}, expected a "
                                           f"string of at most {MAX_PROMPT_CHARS} chars")
-        await self.loop.set_prompt_async(self.session, prompt)
-        return await self.session.send({**ack, "prompt": prompt})
+        # Acknowledged once it (or a newer prompt of this session) applies; meanwhile the client's
+        # next messages are read, so a burst of prompts collapses into its newest.
+        applied = self.loop.set_prompt_async(self.session, prompt)
+        self.loop.spawn(self._ack_prompt(applied, ack))
+
+    async def _ack_prompt(self, applied, ack: dict) -> None:
+        await self.session.send({**ack, "prompt": await applied})
 
     async def _nearest(self, message: dict, ack: dict) -> None:
         text = message.get("text")

@@ -50,6 +50,7 @@ class Session:
     prompt_wanted: str = ""
     prompt_asked: int = 0
     prompt_applied: int = 0
+    prompt_encoded_at: float = float("-inf")
     prompt_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     prompt_task: asyncio.Task | None = None
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
