@@ -25,7 +25,8 @@ kernel. Scale is `1/sqrt(e)`; the output has the queries' shape and dtype.
 broadcastable to `[..., heads, q, k]`): it rotates, joins the cache and the new frame, and builds
 the masks. "xla" is that around `xla_attention` (float32 logits and softmax) and is the reference
 every other implementation is tested against; "jax_nn" is that around
-`jax.nn.dot_product_attention`.
+`jax.nn.dot_product_attention`; "cudnn" is "xla" with the spatial entry around
+`jax.nn.dot_product_attention(implementation="cudnn")`, the vendor bar for the spatial kernels.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def jax_nn_attention(q, k, v, mask=None):
         mask = jnp.broadcast_to(mask, (*lead, q.shape[-2], q.shape[-3], k.shape[-3]))
         mask = mask.reshape(-1, *mask.shape[-3:])
     out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=mask)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def cudnn_attention(q, k, v, mask=None):
+    """`jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash attention
+    (forward and backward; CUDA, 16-bit inputs), leading axes flat. No mask: used for the
+    spatial entry only."""
+    if mask is not None:
+        raise ValueError("cudnn_attention takes no mask (the spatial entry has none)")
+    lead = q.shape[:-3]
+    flat = lambda a: a.reshape(-1, *a.shape[-3:])  # noqa: E731
+    out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), implementation="cudnn")
     return out.reshape(*lead, *out.shape[-3:])
 
 
@@ -150,3 +163,6 @@ def temporal_cache_elementwise(q, k_new, v_new, cache_k, cache_v, *, age, valid,
 DENSE = reference(xla_attention)
 XLA = DENSE._replace(temporal_cache=temporal_cache_elementwise)
 JAX_NN = reference(jax_nn_attention)
+# The vendor's flash attention for the spatial entry, the reference's XLA paths for the temporal
+# ones (a handful of keys per query: nothing for a fused attention to win).
+CUDNN = XLA._replace(spatial=reference(cudnn_attention).spatial)

@@ -46,12 +46,24 @@ TABLE: tuple[Kernel, ...] = (
     Kernel("attention", "jax_triton", "lsd_kernels.impls:JAX_TRITON", ("cuda",), BOTH,
            "pallas_triton with the ring-buffer attention as a @triton.jit kernel called through "
            "jax_triton.triton_call (the gpu extra)"),
+    Kernel("attention", "mosaic_gpu", "lsd_kernels.impls:MOSAIC_GPU", ("cuda",), ("bfloat16",),
+           "Mosaic GPU for Hopper (TMA, WGMMA, a memory warpgroup beside the compute ones): "
+           "flash spatial attention with forward and backward both Mosaic GPU kernels (RoPE "
+           "applied by XLA before them), ring-buffer temporal attention reading the cache in "
+           "place; banded temporal on XLA"),
+    Kernel("attention", "cudnn", "lsd_jax.attention:CUDNN", ("cuda",), ("bfloat16",),
+           "the vendor bar: spatial attention by jax.nn.dot_product_attention("
+           "implementation='cudnn') (cuDNN flash attention, forward and backward); temporal "
+           "attention on XLA"),
     Kernel("attention", "pallas_tpu", "lsd_kernels.impls:PALLAS_TPU", ("tpu",), BOTH,
            "the same Pallas kernels on Mosaic TPU"),
     Kernel("attention", "pallas_interpret", "lsd_kernels.impls:PALLAS_INTERPRET", ("cpu",),
            BOTH, "the Pallas kernels under the Pallas interpreter (numerics checks on CPU)"),
     Kernel("attention", "pallas_tpu_interpret", "lsd_kernels.impls:PALLAS_TPU_INTERPRET",
            ("cpu",), BOTH, "the Pallas kernels under the TPU interpreter, races detected"),
+    Kernel("attention", "mosaic_gpu_interpret", "lsd_kernels.impls:MOSAIC_GPU_INTERPRET",
+           ("cpu",), BOTH, "the Mosaic GPU kernels under JAX's Mosaic GPU interpreter "
+           "(numerics checks on CPU; float32 there checks the algorithm, the GPU runs bfloat16)"),
     Kernel("norm", "xla", "lsd_jax.norm:XLA", PLATFORMS, ("float32", "bfloat16"),
            "pure-JAX reference: LayerNorm in float32, then shift/scale"),
     Kernel("norm", "pallas_triton", "lsd_kernels.impls:NORM_TRITON", ("cuda",), BOTH,

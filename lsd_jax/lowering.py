@@ -1,10 +1,11 @@
 """What `jax.export` needs to know about the kernels (docs/DESIGN.md section 7).
 
 `UNGUARANTEED_CALLS` are the custom calls a kernel lowers to that `jax.export` does not vouch for
-across versions (the Triton call of Pallas' Triton backend), passed as its `disabled_checks`: a
-module holding one is tied to the jax version that lowered it. `custom_calls(exported)` are the
-call targets a lowered module holds (`lsd export` records them in an artifact's header, `lsd bench
-kernels` reports them per kernel). The platform names are `lsd_jax.kernels.PLATFORMS`.
+across versions (the Triton call of Pallas' Triton backend, cuDNN's fused attention), passed as
+its `disabled_checks`: a module holding one is tied to the jax version that lowered it (Mosaic
+GPU's `mosaic_gpu_v2` and Mosaic TPU's `tpu_custom_call` are vouched for). `custom_calls(exported)`
+are the call targets a lowered module holds (`lsd export` records them in an artifact's header,
+`lsd bench kernels` reports them per kernel). The platform names are `lsd_jax.kernels.PLATFORMS`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import re
 
 import jax
 
-UNGUARANTEED_CALLS = (jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),)
+UNGUARANTEED_CALLS = tuple(jax.export.DisabledSafetyCheck.custom_call(target) for target in (
+    "__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"))
 _CUSTOM_CALL = re.compile(r"custom_call @([^(\s]+)\(")
 
 

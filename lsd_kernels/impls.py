@@ -3,15 +3,24 @@
 
 Attention: `spatial` is the flash kernel (`flash_spatial`), `temporal_cache` the ring kernel
 (`ring_temporal`); `temporal_band` (training only, a handful of frames per token) stays on the
-reference's XLA path. `JAX_TRITON` swaps the ring kernel for its jax-triton twin. Norm: the fused
-LayerNorm + modulate (`norm_modulate`).
+reference's XLA path. `JAX_TRITON` swaps the ring kernel for its jax-triton twin. `MOSAIC_GPU` is
+the Mosaic GPU pair (`mosaic_flash`, `mosaic_ring`), written for Hopper rather than through a
+`Backend` (TMA, WGMMA and warpgroups are its own programming model). Norm: the fused LayerNorm +
+modulate (`norm_modulate`).
 """
 
 from __future__ import annotations
 
 from lsd_jax.attention import XLA, AttentionImpl
 from lsd_jax.norm import NormImpl
-from lsd_kernels import flash_spatial, norm_modulate, ring_temporal, triton_ring
+from lsd_kernels import (
+    flash_spatial,
+    mosaic_flash,
+    mosaic_ring,
+    norm_modulate,
+    ring_temporal,
+    triton_ring,
+)
 from lsd_kernels.backends import BACKENDS, Backend
 
 
@@ -37,6 +46,16 @@ def jax_triton_attention() -> AttentionImpl:
 
 
 JAX_TRITON = jax_triton_attention()
+
+
+def mosaic_gpu_attention(interpret: bool) -> AttentionImpl:
+    """The Mosaic GPU kernels (`mosaic_flash`, `mosaic_ring`), on the GPU or interpreted."""
+    return AttentionImpl(mosaic_flash.make(interpret), XLA.temporal_band,
+                         mosaic_ring.make(interpret))
+
+
+MOSAIC_GPU = mosaic_gpu_attention(False)
+MOSAIC_GPU_INTERPRET = mosaic_gpu_attention(True)
 
 NORM_TRITON = norm(BACKENDS["triton"])
 NORM_TPU = norm(BACKENDS["mosaic_tpu"])
