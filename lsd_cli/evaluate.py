@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lsd_cli.args import int_in, step_counts
+from lsd_jax.atomic import atomic_path
 from lsd_jax.errors import ConfigError
 
 EVAL_KINDS = ("quality", "drift", "paraphrase", "real")
@@ -189,14 +190,17 @@ def _run_eval(args: argparse.Namespace) -> int:
                     resume = evaluate.load_drift_checkpoint(ckpt_path)
                     print(f"{m.label}: resuming at frame {resume['next_frame']:,} of {frames:,} "
                           f"from {ckpt_path}", file=sys.stderr)
+                elif args.resume:
+                    print(f"{m.label}: --resume: no checkpoint {ckpt_path}; starting from frame 0",
+                          file=sys.stderr)
             r = evaluate.evaluate_drift(m, frames=frames, steps=steps, task=args.task,
                                         period=args.period, seed=args.seed,
                                         progress=not args.no_progress,
                                         checkpoint_every=args.save_every,
                                         on_checkpoint=on_checkpoint, resume=resume)
             if out_dir:
-                np.savez_compressed(out_dir / f"{section}_{_slug(m.label)}_psnr.npz",
-                                    psnr=r["psnr"])
+                with atomic_path(out_dir / f"{section}_{_slug(m.label)}_psnr.npz") as tmp:
+                    np.savez_compressed(tmp, psnr=r["psnr"])
                 ckpt_path.unlink(missing_ok=True)
             results.append(r)
             print(f"{m.label}: PSNR first {args.period} {r['first_mean']:.2f} dB, last "

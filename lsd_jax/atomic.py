@@ -7,6 +7,10 @@ a failed write (a full disk) removes its temporary and says so in one line.
 
     atomic_write_bytes(path, data)      atomic_write_text(path, text)
     with atomic_path(path) as tmp: ...  # write a file or a whole directory at tmp
+    replace_path(tmp, path)             # the last step alone, for a temporary named elsewhere
+
+A temporary folder is named `.NAME.tmp-HOST-PID-XXXX`; one left by a killed process of this host
+is removed the next time the same path is written.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from lsd_jax.errors import WriteError
 
-__all__ = ["WriteError", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["WriteError", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+           "describe_os_error", "replace_path", "storage_os_error"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -85,24 +92,88 @@ def describe_os_error(err: OSError, path: str | Path) -> str:
     return f"{reason} writing {str(path)!r}"
 
 
+def replace_path(new: str | Path, path: str | Path) -> None:
+    """Flush `new` (a file or a directory tree) to disk and put it in the place of `path` in one
+    step (a directory `path` is swapped, see `_replace_directory`); `OSError` as it comes."""
+    new, path = Path(new), Path(path)
+    _fsync_tree(new)
+    if path.is_dir() and not path.is_symlink():
+        if not new.is_dir():  # a file never takes a directory's place
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        _replace_directory(new, path)
+    else:
+        os.replace(new, path)
+    _fsync_dir(path.parent)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporaries of `path` that killed processes of this host left behind."""
+    prefix = _tmp_prefix(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def storage_os_error(err: BaseException, path: str | Path) -> OSError | None:
+    """The `OSError` behind a storage library's failure that reports one (orbax and tensorstore:
+    `No space left on device [os_error_code='28']` in a `ValueError`), naming `path`; the error
+    itself when it is an `OSError`; None for any other error."""
+    if isinstance(err, OSError):
+        return err
+    found = _OS_ERROR_CODE.search(str(err))
+    if found is not None:
+        code = int(found[1])
+    elif "No space left on device" in str(err):
+        code = errno.ENOSPC
+    else:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on a clean exit it replaces `path` (a file or a
     directory); on any error it is removed and `path` is left as it was. An `OSError` while
     writing becomes a `WriteError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", suffix=".tmp",
+                                    dir=path.parent))
+    except OSError as err:
+        raise WriteError(describe_os_error(err, path)) from None
     target = tmp / path.name  # inside a private folder: nobody else writes there
     try:
         yield target
-        _fsync_tree(target)
-        if path.is_dir() and not path.is_symlink():
-            _replace_directory(target, path)
-        else:
-            os.replace(target, path)
-        _fsync_dir(path.parent)
+        replace_path(target, path)
     except OSError as err:
+        if isinstance(err, WriteError):
+            raise
         raise WriteError(describe_os_error(err, path)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,8 @@ training writes for its (EMA) weights. `load_model` restores straight into a mod
 stored config, so no weights are allocated twice. A checkpoint written before encoders were
 recorded was trained with the hashed encoder and is read as such; loading a checkpoint with a
 config (after overrides) whose prompt encoder differs from the recorded one is a `CheckpointError`.
+A model directory is written whole or not at all (`lsd_jax.atomic`); a full disk is one
+`WriteError` line naming it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -27,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lsd_jax.atomic import atomic_path, storage_os_error
 from lsd_jax.config import Config, apply_overrides, from_dict, to_dict
 from lsd_jax.errors import CheckpointError, ConfigError, PromptError
 from lsd_jax.model import DiT, abstract_model, model_from_params
@@ -40,19 +44,49 @@ VERSION = 1
 
 def save_model(directory: str | Path, cfg: Config, model: DiT, *,
                trained_prompts: tuple[str, ...] = ()) -> Path:
-    """Write `cfg` and the model's trained parameters to `directory` (created; must not exist),
-    with the prompts it was trained on (`trained_prompts`, empty when none or unknown)."""
+    """Write `cfg` and the model's trained parameters to `directory` (created; must not exist or
+    be empty), with the prompts it was trained on (`trained_prompts`, empty when none or
+    unknown). The directory appears complete or not at all; a failed write (a full disk) is a
+    `WriteError` naming it and leaves no temporary behind."""
     directory = Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()):
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"checkpoint directory {str(directory)!r} exists and is not empty")
+    with atomic_path(directory) as tmp:
+        write_model(tmp, cfg, model, trained_prompts=trained_prompts)
+    return directory
+
+
+def write_model(directory: Path, cfg: Config, model: DiT, *,
+                trained_prompts: tuple[str, ...] = ()) -> None:
+    """`save_model`'s files written in place into `directory`, for a caller that makes the
+    directory appear whole itself (the trainer, whose processes all write one directory)."""
+    directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", nnx.state(model, nnx.Param))
+    save_params(directory / "params", nnx.state(model, nnx.Param))
     (directory / "config.json").write_text(json.dumps(
         {"format": FORMAT, "version": VERSION, "config": to_dict(cfg),
          "prompt_encoder": encoder_record(cfg), "trained_prompts": list(trained_prompts)},
         indent=2))
-    return directory
+
+
+def save_params(path: Path, params) -> None:
+    """An orbax checkpoint of `params` at `path`. A storage failure is an `OSError` (a full disk:
+    ENOSPC) with orbax's log lines and tracebacks of its writer threads held back."""
+    path = Path(path).absolute()
+    with stderr_held() as held, ocp.StandardCheckpointer() as ckptr:
+        try:
+            ckptr.save(path, params)
+            ckptr.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - orbax reports storage errors as ValueError
+            os_error = storage_os_error(err, path)
+            if os_error is None:
+                held.release()
+                raise
+            failure = os_error
+        else:
+            held.release()
+            return
+    raise failure from None
 
 
 def load_trained_prompts(directory: str | Path) -> tuple[str, ...]:
@@ -62,7 +96,7 @@ def load_trained_prompts(directory: str | Path) -> tuple[str, ...]:
     try:
         prompts = json.loads(meta_path.read_text()).get("trained_prompts", [])
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{str(meta_path)!r} cannot be read: {_first_line(err)}") from None
+        raise CheckpointError(f"{str(meta_path)!r} cannot be read: {first_line(err)}") from None
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise CheckpointError(f"{str(meta_path)!r}: trained_prompts={prompts!r}, expected a list "
                               "of strings")
@@ -117,28 +151,38 @@ def restore_params(path: Path, abstract_params, described_by: str):
     a mismatch or damaged data is a `CheckpointError` naming the directory."""
     path = Path(path).absolute()  # orbax refuses relative paths
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
-    with _stderr_held() as held, ocp.StandardCheckpointer() as ckptr:
+    with stderr_held() as held, ocp.StandardCheckpointer() as ckptr:
         try:
             params = ckptr.restore(path, target)
         except ValueError as err:
             shapes = "shape" in str(err)
             failure = (f"weights do not fit {described_by}" if shapes else
-                       "weights cannot be read (damaged files?)") + f": {_first_line(err)}"
+                       "weights cannot be read (damaged files?)") + f": {first_line(err)}"
         # Damaged data surfaces as many types (tensorstore's plain Exception, OSError, KeyError).
         except Exception as err:  # noqa: BLE001
             failure = (f"weights cannot be read (damaged files?): {type(err).__name__}: "
-                       f"{_first_line(err)}")
+                       f"{first_line(err)}")
         else:
             held.release()
             return params
     raise CheckpointError(f"{str(path.parent)!r}: {failure}")
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:300]
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, for a one-line report: tensorstore's "See full
+    TensorStore details: <bound method ...>" (an object's repr, not a detail) is replaced by the
+    error it was raised from."""
+    text = str(err)
+    if "See full TensorStore details" in text:
+        text = text.split("See full TensorStore details")[0].strip().rstrip(".")
+        cause = err.__cause__ or err.__context__
+        if cause is not None:
+            text += f": {first_line(cause)}"
+    text = re.sub(r"<bound method [^>]*>?", "", text)
+    return (text.strip().splitlines() or [""])[0][:300]
 
 
-class _stderr_held:
+class stderr_held:
     """Holds what is written to file descriptor 2 meanwhile: `release()` writes it out. A failed
     orbax restore leaves reads in flight whose callbacks print tracebacks of its closed event
     loop; when the restore fails, those are dropped (the `CheckpointError` says what failed)."""

@@ -32,11 +32,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from lsd_jax import rope
-from lsd_jax.checkpoint import restore_params
+from lsd_jax.atomic import atomic_path, atomic_write_text
+from lsd_jax.checkpoint import restore_params, save_params
 from lsd_jax.errors import CheckpointError, ConfigError
 
 
@@ -183,14 +183,17 @@ VAE_FORMAT = "lsd-jax-vae"
 
 
 def save_vae(directory: str | Path, cfg: VAEConfig, vae: OasisVAE) -> None:
-    """Write `DIR/vae.json` (config) and `DIR/vae/` (orbax params) beside a model checkpoint."""
+    """Write `DIR/vae/` (orbax params) and then `DIR/vae.json` (config) beside a model checkpoint,
+    each whole or not at all (`lsd_jax.atomic`): a VAE is there once its `vae.json` is."""
     directory = Path(directory).absolute()
-    if (directory / "vae").exists():
-        raise CheckpointError(f"{str(directory / 'vae')!r} already exists")
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "vae", nnx.state(vae, nnx.Param))
-    (directory / "vae.json").write_text(json.dumps(
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{str(directory)!r} is a file, expected a directory to write the "
+                              "VAE into")
+    if (directory / "vae.json").exists():
+        raise CheckpointError(f"{str(directory / 'vae.json')!r} already exists")
+    with atomic_path(directory / "vae") as tmp:  # replaces the rest of an interrupted write
+        save_params(tmp, nnx.state(vae, nnx.Param))
+    atomic_write_text(directory / "vae.json", json.dumps(
         {"format": VAE_FORMAT, "version": 1, "config": dataclasses.asdict(cfg)}, indent=2))
 
 

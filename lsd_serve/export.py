@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lsd_jax import kernels
+from lsd_jax.atomic import atomic_path
 from lsd_jax.codec import make_codec
 from lsd_jax.config import Config, to_dict
 from lsd_jax.errors import ArtifactError
@@ -167,8 +168,8 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
     }
     header_bytes = json.dumps(header, indent=1).encode()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    # Written beside and renamed over `path`: a kill or a full disk leaves the old file intact.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(header_bytes))
                 + hashlib.sha256(header_bytes).digest() + header_bytes)
         for blob in blobs.values():

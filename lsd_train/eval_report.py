@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lsd_jax.atomic import WriteError, atomic_path, atomic_write_text
 from lsd_train.baselines import COLOR_MAPS
 from lsd_train.evaluate import TEMPORAL_TASKS
 
@@ -129,9 +130,7 @@ def plot_quality(results: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -173,9 +172,21 @@ def save_jpeg(rows: list[np.ndarray], path: Path) -> Path:
     """Rows stacked top to bottom into one JPEG (quality 90) at `path`."""
     import cv2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 90])
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.concatenate(rows, axis=0),
+                                                  cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, 90]):
+            raise WriteError(f"cannot write a JPEG to {str(path)!r}")
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure saved at `path` (whole or not at all) and closed."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        _plt().close(fig)
     return path
 
 
@@ -226,9 +237,7 @@ def plot_drift(results: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -250,8 +259,7 @@ def json_ready(result: dict) -> dict:
 
 
 def save_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def replace_section(report: Path, name: str, body: str) -> None:
@@ -265,4 +273,4 @@ def replace_section(report: Path, name: str, body: str) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    report.write_text(text)
+    atomic_write_text(report, text)

@@ -20,8 +20,11 @@ difference between their mean PSNR is the model's own drift.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lsd_jax import resolve
+from lsd_jax.atomic import atomic_path
 from lsd_jax.checkpoint import load_config_from
 from lsd_jax.codec import make_codec
 from lsd_jax.config import Config
@@ -299,37 +303,74 @@ def evaluate_quality(model: EvalModel, *, steps_list=QUALITY_STEPS, clips: int =
 
 def drift_run_key(model: EvalModel, *, frames: int, steps: int, task: str, period: int,
                   seed: int) -> dict:
-    """What makes two drift runs the same stream (a checkpoint resumes only its own run)."""
-    return {"spec": model.spec, "frames": frames, "steps": steps, "task": task,
-            "period": period, "seed": seed, "frame_noise": model.cfg.diffusion.frame_noise}
+    """What makes two drift runs the same stream (a checkpoint resumes only its own run): the
+    model's spec and weights (`weights_digest`), the stream's length, steps, task, period, seed
+    and noise."""
+    return {"spec": model.spec, "weights": weights_digest(model), "frames": frames,
+            "steps": steps, "task": task, "period": period, "seed": seed,
+            "frame_noise": model.cfg.diffusion.frame_noise}
+
+
+def weights_digest(model: EvalModel) -> str:
+    """sha256 of the model's weights and its codec's (every array's dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree.leaves(model.state)
+    if model.codec is not None:
+        leaves += jax.tree.leaves(model.codec.params)
+    for leaf in leaves:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.asarray(leaf)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 
 def save_drift_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write `evaluate_drift`'s checkpoint atomically (a stop while writing keeps the last one)."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **checkpoint)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **checkpoint)
 
 
 def load_drift_checkpoint(path: Path) -> dict:
-    """A checkpoint written by `save_drift_checkpoint`, as `evaluate_drift(resume=...)` takes it."""
+    """A checkpoint written by `save_drift_checkpoint`, as `evaluate_drift(resume=...)` takes it;
+    a damaged file or another kind of file is a `CheckpointError` naming it."""
     try:
-        with np.load(path) as data:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"drift checkpoint {str(path)!r} is unreadable: "
+                              f"{err.strerror or err}") from None
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"drift checkpoint {str(path)!r} is not an npz archive (damaged, "
+                              "or not written by lsd eval drift): delete it to start again")
+    try:
+        with np.load(path, allow_pickle=False) as data:
             ckpt = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"drift checkpoint {str(path)!r} is unreadable: {err}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"drift checkpoint {str(path)!r} is damaged (truncated or "
+                              f"altered: {type(err).__name__}: {first}): delete it to start "
+                              "again") from None
     missing = sorted({"spec", "frames", "steps", "task", "period", "seed", "next_frame", "psnr",
                       "has_carry", "carry", "seconds"} - set(ckpt))
     if missing:
         raise CheckpointError(f"drift checkpoint {str(path)!r} lacks {', '.join(missing)}: "
                               "not written by lsd eval drift")
-    for k in ("spec", "task"):
-        ckpt[k] = str(ckpt[k])
+    for k in ("spec", "task", "weights", "frame_noise"):
+        if k in ckpt:
+            ckpt[k] = str(ckpt[k])
     for k in ("frames", "steps", "period", "seed", "next_frame"):
         ckpt[k] = int(ckpt[k])
     ckpt["has_carry"] = bool(ckpt["has_carry"])
     return ckpt
+
+
+def _shown(key: str, value) -> str:
+    if key == "weights" and isinstance(value, str):
+        return f"sha256:{value[:12]}..."
+    return repr(value)
 
 
 def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str = "motion_trails",
@@ -363,9 +404,13 @@ def evaluate_drift(model: EvalModel, *, frames: int, steps: int = 3, task: str =
     start, carry, seconds_before = 0, None, 0.0
     state = init_stream(model.cfg, 1, seed)
     if resume is not None:
-        theirs = {k: resume.get(k) for k in key}
-        if theirs != key:
-            raise ConfigError(f"drift checkpoint is of the run {theirs}, not of this run {key}")
+        differ = [f"{k}={_shown(k, resume.get(k))} (this run: {_shown(k, key[k])})"
+                  for k in key if resume.get(k) != key[k]]
+        if differ:
+            raise ConfigError("drift checkpoint is not of this run: its " + ", ".join(differ)
+                              + ("; the model's weights changed since it was written"
+                                 if resume.get("weights") not in (None, key["weights"])
+                                 else ""))
         start = int(resume["next_frame"])
         psnr[:start] = resume["psnr"][:start]
         state = StreamState(*(jnp.asarray(resume[f"state_{name}"]) for name in state._fields))

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from lsd_jax.atomic import atomic_write_text
+from lsd_jax.atomic import atomic_path, atomic_write_text
 from lsd_jax.codec import resize_and_crop
 from lsd_jax.errors import ConfigError, DataError
 from lsd_train.tasks import TASKS, trained_prompts
@@ -317,12 +317,11 @@ def video_inputs(directory: str | Path) -> list[Path]:
 
 def write_frames(folder: Path, clip_thwc: np.ndarray) -> None:
     """A clip as a folder of lossless PNG frames (written beside and renamed into place)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=False)
-    for i, frame in enumerate(clip_thwc):
-        if not cv2.imwrite(str(tmp / f"{i:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
-            raise DataError(f"cannot write a frame into {str(tmp)!r}")
-    tmp.rename(folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for i, frame in enumerate(clip_thwc):
+            if not cv2.imwrite(str(tmp / f"{i:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
+                raise DataError(f"cannot write a frame into {str(folder)!r}")
 
 
 def make_pairs(input_dir: str | Path, out_dir: str | Path, teachers: list[Teacher], *,

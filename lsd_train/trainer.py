@@ -20,9 +20,13 @@ data is a pure function of the iterator position, so a resumed run repeats the u
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import gc
+import logging
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import warnings
@@ -38,7 +42,8 @@ from flax import nnx
 
 from lsd_jax import objectives
 from lsd_jax.activation_sharding import batch_sharded_over
-from lsd_jax.checkpoint import save_model
+from lsd_jax.atomic import WriteError, describe_os_error, replace_path, storage_os_error
+from lsd_jax.checkpoint import first_line, stderr_held, write_model
 from lsd_jax.config import Config
 from lsd_jax.diffusion import make_process
 from lsd_jax.errors import CheckpointError, ConfigError
@@ -333,17 +338,21 @@ def restore_checkpoint(manager: ocp.CheckpointManager,
     damaged = []
     for step in steps:
         error = None
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
-        except ConfigError:
-            raise
-        # Damaged files surface as many types (tensorstore ValueError, OSError, KeyError...).
-        except Exception as err:  # noqa: BLE001
-            error = err
+        # orbax logs a failed restore as ERROR lines; the warning below says it in one.
+        with stderr_held() as held:
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+            except ConfigError:
+                held.release()
+                raise
+            # Damaged files surface as many types (tensorstore ValueError, OSError, KeyError...).
+            except Exception as err:  # noqa: BLE001
+                error = err
+            else:
+                held.release()
         if not _all_processes(error is None):
-            first = (str(error).strip().splitlines() or [""])[0][:200] if error else (
-                "damaged on another process")
+            first = first_line(error)[:200] if error else "damaged on another process"
             kind = f"{type(error).__name__}: " if error else ""
             warnings.warn(f"checkpoint step {step} in {manager.directory} cannot be restored "
                           f"({kind}{first}); trying an older one", stacklevel=2)
@@ -473,30 +482,81 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def export_model(workdir: Path, cfg: Config, ema: dict) -> Path:
-    """Write the EMA weights as the model checkpoint `workdir/model` (replacing the old one only
-    once the new one is complete); a latent model trained with `data.codec_dir` gets a copy of
-    its codec beside it (`vae.json`, `vae/`), as `lsd convert oasis` writes one."""
+    """Write the EMA weights as the model checkpoint `workdir/model` (written as `model.tmp`, then
+    swapped in, so a kill at any point leaves the old model or the new one); a latent model trained
+    with `data.codec_dir` gets a copy of its codec beside it (`vae.json`, `vae/`), as `lsd convert
+    oasis` writes one. A failed write (a full disk) removes `model.tmp` and is a `WriteError`."""
     final, tmp, old = (workdir.absolute() / name for name in ("model", "model.tmp", "model.old"))
-    for path in (tmp, old):
+    for path in (tmp, old):  # what a killed run left
         if jax.process_index() == 0 and path.exists():
             shutil.rmtree(path)
     _sync("export-clean")
-    save_model(tmp, cfg, model_from_params(cfg.model, ema),
-               trained_prompts=config_prompts(cfg))
-    if cfg.codec != "pixel" and cfg.data.codec_dir and jax.process_index() == 0:
-        # The codec goes with the model, so stream / eval / export decode through it.
-        for name in ("vae.json", "vae"):
-            source = Path(cfg.data.codec_dir) / name
-            copy = shutil.copytree if source.is_dir() else shutil.copy2
-            copy(source, tmp / name)
-    _sync("export-written")
-    if jax.process_index() == 0:
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
+    try:
+        write_model(tmp, cfg, model_from_params(cfg.model, ema),
+                    trained_prompts=config_prompts(cfg))
+        if cfg.codec != "pixel" and cfg.data.codec_dir and jax.process_index() == 0:
+            # The codec goes with the model, so stream / eval / export decode through it.
+            for name in ("vae.json", "vae"):
+                source = Path(cfg.data.codec_dir) / name
+                copy = shutil.copytree if source.is_dir() else shutil.copy2
+                copy(source, tmp / name)
+        _sync("export-written")
+        if jax.process_index() == 0:
+            replace_path(tmp, final)  # the old model, if any, is now at `tmp`
+    except OSError as err:
+        raise WriteError(describe_os_error(err, final)) from None
+    finally:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def check_space(workdir: Path, state: dict) -> None:
+    """A `WriteError` before a save that the disk holding `workdir` has no room for (the train
+    state's checkpoint and the EMA model, uncompressed, a tenth more and 4 MiB for the files'
+    metadata): refused whole, never half written."""
+    need = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    need += sum(leaf.nbytes for leaf in jax.tree.leaves(state["ema"]))
+    need = int(1.1 * need) + 4 * 2**20
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise WriteError(f"{describe_os_error(OSError(errno.ENOSPC, ''), workdir)}: a save "
+                         f"needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
+
+
+# A write the disk refused: the run stops with one line instead of a traceback.
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _abandon_writes(manager: ocp.CheckpointManager, workdir: Path) -> None:
+    """After a failed write (a full disk): let the checkpoint saves in flight end, quietly (their
+    writer threads fail the same way), and remove what they and the model export left half
+    written (`checkpoints/*.orbax-checkpoint-tmp*`, `model.tmp`); committed checkpoints stay."""
+    loggers = [logging.getLogger(name) for name in ("asyncio", "absl")]
+    levels, hook = [logger.level for logger in loggers], sys.unraisablehook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = _ignore
+    try:
+        with stderr_held():  # what the failing writer threads print goes with them
+            for finish in (manager.wait_until_finished, manager.close):
+                try:
+                    finish()
+                except Exception:  # noqa: BLE001 - the same failure again, already reported
+                    pass
+            gc.collect()  # the failed writers' tasks go now, not with a message at exit
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        sys.unraisablehook = hook
+    if jax.process_index() == 0:
+        for path in [*Path(manager.directory).glob("*.orbax-checkpoint-tmp*"),
+                     workdir.absolute() / "model.tmp"]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _ignore(*_) -> None:
+    pass
 
 
 def _sync(name: str) -> None:
@@ -570,44 +630,56 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
         log(f"resumed from step {step}")
 
     start = int(jax.device_get(state["step"]))
-    metrics = Metrics(workdir, cfg, enabled=jax.process_index() == 0, progress=progress,
-                      start_step=start)
-    t = cfg.train
-    frames_per_step = t.batch_size * cfg.data.clip_frames
-    last_loss, stopped_by = None, None
-    with _StopSignals() as stop, metrics.progress(start, t.steps) as bar:
-        step, t_log, steps_since_log, crcs = start, time.perf_counter(), 0, []
-        saved = start if restored is not None else None
-        while step < t.steps and stop.received is None:
-            local = next(data_iter)
-            crcs.append(batch_crc(local))
-            batch = global_batch(sharded, model_batch(cfg, local))
-            if teacher is not None:
-                batch["teacher"] = teacher(batch)
-            state, step_metrics = compiled(state, batch)
-            step, steps_since_log = step + 1, steps_since_log + 1
-            if step % t.log_every == 0 or step == t.steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                elapsed = time.perf_counter() - t_log
-                values["frames_per_s"] = frames_per_step * steps_since_log / elapsed
-                values["tokens_per_s"] = values["frames_per_s"] * cfg.model.tokens_per_frame
-                metrics.log(step, values, crcs)
-                last_loss = values["loss"]
-                t_log, steps_since_log, crcs = time.perf_counter(), 0, []
-            bar.update(step, None if last_loss is None else f"loss {last_loss:.4f}")
-            if t.save_every and step % t.save_every == 0 and step < t.steps:
-                save_checkpoint(manager, state, data_iter.get_state())
-                export_model(workdir, cfg, state["ema"])
-                saved = step
-            if t.sample_every and step % t.sample_every == 0:
-                metrics.sample(step, state["ema"])
-        if stop.received is not None:
-            stopped_by = signal.Signals(stop.received).name
-            log(f"{stopped_by} received: saving step {step} and stopping")
-    if saved != step:
-        save_checkpoint(manager, state, data_iter.get_state())
-        export_model(workdir, cfg, state["ema"])
-    manager.wait_until_finished()
-    manager.close()
-    metrics.close()
+    try:
+        metrics = Metrics(workdir, cfg, enabled=jax.process_index() == 0, progress=progress,
+                          start_step=start)
+        t = cfg.train
+        frames_per_step = t.batch_size * cfg.data.clip_frames
+        last_loss, stopped_by = None, None
+        with _StopSignals() as stop, metrics.progress(start, t.steps) as bar:
+            step, t_log, steps_since_log, crcs = start, time.perf_counter(), 0, []
+            saved = start if restored is not None else None
+            while step < t.steps and stop.received is None:
+                local = next(data_iter)
+                crcs.append(batch_crc(local))
+                batch = global_batch(sharded, model_batch(cfg, local))
+                if teacher is not None:
+                    batch["teacher"] = teacher(batch)
+                state, step_metrics = compiled(state, batch)
+                step, steps_since_log = step + 1, steps_since_log + 1
+                if step % t.log_every == 0 or step == t.steps:
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    elapsed = time.perf_counter() - t_log
+                    values["frames_per_s"] = frames_per_step * steps_since_log / elapsed
+                    values["tokens_per_s"] = values["frames_per_s"] * cfg.model.tokens_per_frame
+                    metrics.log(step, values, crcs)
+                    last_loss = values["loss"]
+                    t_log, steps_since_log, crcs = time.perf_counter(), 0, []
+                bar.update(step, None if last_loss is None else f"loss {last_loss:.4f}")
+                if t.save_every and step % t.save_every == 0 and step < t.steps:
+                    check_space(workdir, state)
+                    save_checkpoint(manager, state, data_iter.get_state())
+                    export_model(workdir, cfg, state["ema"])
+                    saved = step
+                if t.sample_every and step % t.sample_every == 0:
+                    metrics.sample(step, state["ema"])
+            if stop.received is not None:
+                stopped_by = signal.Signals(stop.received).name
+                log(f"{stopped_by} received: saving step {step} and stopping")
+        if saved != step:
+            check_space(workdir, state)
+            save_checkpoint(manager, state, data_iter.get_state())
+            export_model(workdir, cfg, state["ema"])
+        manager.wait_until_finished()
+        manager.close()
+        metrics.close()
+    except Exception as err:  # noqa: BLE001 - orbax reports storage errors as ValueError
+        failure = err if isinstance(err, WriteError) else storage_os_error(err, workdir)
+        if failure is None or not (isinstance(failure, WriteError)
+                                   or failure.errno in WRITE_FAILURES):
+            raise
+        _abandon_writes(manager, workdir)
+        if not isinstance(failure, WriteError):
+            failure = WriteError(describe_os_error(failure, workdir))
+        raise failure from None
     return {"step": step, "loss": last_loss, "stopped_by": stopped_by, "report": report}
