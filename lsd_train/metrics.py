@@ -16,18 +16,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+from lsd_jax.codec import make_codec
 from lsd_jax.config import Config
 from lsd_jax.model import abstract_model, model_from_params
 from lsd_jax.progress import progress_bar
 from lsd_jax.streaming import init_stream, make_step
 from lsd_jax.video import Mp4Writer
 from lsd_train.data import make_dataset
+from lsd_train.latents import pixel_twin
 
 SAMPLE_FPS = 8
 
@@ -42,7 +45,8 @@ class Metrics:
         self.show_progress = progress and enabled
         self.history: list[tuple[int, float]] = []
         self._writer = None
-        self._sample_step = None
+        self._codec = None  # a latent model's codec, for its samples
+        self._said_no_codec = False
         self._heldout = None
         if enabled:
             from tensorboardX import SummaryWriter
@@ -95,10 +99,11 @@ class Metrics:
         """Stream one held-out clip through the EMA model; write the video, a TensorBoard strip of
         its frames and the loss plot. Single-process runs only (the weights are gathered to one
         host); returns the video path."""
-        if not self.enabled or jax.process_count() > 1:
+        if not self.enabled or jax.process_count() > 1 or not self._sample_codec():
             return None
         cond_thwc, target_thwc, prompt_p = self._heldout_clip()
-        out_thwc = stream_clip(self.cfg, jax.device_get(ema_params), cond_thwc, prompt_p)
+        out_thwc = stream_clip(self.cfg, jax.device_get(ema_params), cond_thwc, prompt_p,
+                               codec=self._codec)
         panel_thwc = np.concatenate([cond_thwc, out_thwc, target_thwc], axis=2)
         path = self.workdir / "samples" / f"step_{step:07d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,12 +117,27 @@ class Metrics:
             self.plot_loss()
         return path
 
+    def _sample_codec(self) -> bool:
+        """Whether samples can be made: a pixel model's always; a latent model's through the codec
+        of `data.codec_dir` (loaded once), else never (said once)."""
+        if self._codec is None and self.cfg.codec != "pixel":
+            if not self.cfg.data.codec_dir:
+                if not self._said_no_codec:
+                    print(f"lsd train: no samples: codec={self.cfg.codec!r} decodes latents to "
+                          "frames only with data.codec_dir=DIR", file=sys.stderr)
+                    self._said_no_codec = True
+                return False
+            self._codec = make_codec(self.cfg, self.cfg.data.codec_dir)
+        return True
+
     def _heldout_clip(self):
         """The first clip of the procedural held-out split (whatever the training source, so
-        samples of every run are comparable and never training data)."""
+        samples of every run are comparable and never training data), at the frame size of the
+        codec's pixels for a latent model."""
         if self._heldout is None:
-            cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data,
-                                                                         source="procedural"))
+            cfg = self.cfg if self._codec is None else pixel_twin(self.cfg, self._codec.frame_hw)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                    source="procedural"))
             batch = next(iter(make_dataset(cfg, split="heldout", batch_size=1)))
             self._heldout = (batch["cond"][0], batch["target"][0],
                              batch["prompt"][0] if "prompt" in batch else None)
@@ -132,21 +152,24 @@ class Metrics:
 
 
 def stream_clip(cfg: Config, params: dict, cond_thwc: np.ndarray,
-                prompt_p: np.ndarray | None) -> np.ndarray:
+                prompt_p: np.ndarray | None, *, codec=None) -> np.ndarray:
     """Restyle a uint8 clip `[T, H, W, 3]` frame by frame with the streaming step (what `lsd
-    stream` runs); returns uint8 `[T, H, W, 3]`."""
+    stream` runs), through `codec` (None: the config's pixel codec; a latent model's VAE codec);
+    returns uint8 `[T, H, W, 3]`."""
     _, state = nnx.split(model_from_params(cfg.model, params))
-    step = _stream_step(cfg)
+    step = _stream_step(cfg, codec)
     stream = init_stream(cfg, 1, cfg.seed)
     prompt_bp = None if prompt_p is None else np.asarray(prompt_p)[None]
+    extra = {} if codec is None else {"codec_params": codec.params}
     frames = []
     for frame_hwc in cond_thwc:
-        stream, out_bhwc = step(state, stream, frame_hwc[None], prompt_bp)
+        stream, out_bhwc = step(state, stream, frame_hwc[None], prompt_bp, **extra)
         frames.append(np.asarray(out_bhwc[0]))
     return np.stack(frames)
 
 
 @functools.cache
-def _stream_step(cfg: Config):
-    """The jitted streaming step of `cfg`, built once per run (its graph does not change)."""
-    return make_step(cfg, nnx.split(abstract_model(cfg.model))[0])
+def _stream_step(cfg: Config, codec=None):
+    """The jitted streaming step of `cfg` (through `codec`), built once per run (its graph does
+    not change)."""
+    return make_step(cfg, nnx.split(abstract_model(cfg.model))[0], codec=codec)
