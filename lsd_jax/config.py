@@ -356,9 +356,10 @@ class TrainConfig:
     mesh. The learning rate warms up linearly for
     `warmup_steps`, then follows a cosine to `lr * final_lr_fraction` at `steps`. Checkpoints are
     saved every `save_every` steps (0: only at the end and on SIGTERM/SIGINT), `keep` of them.
-    `init_from` (a model directory: a run's `WORKDIR/model`, the built-in demo's, an `lsd convert`
-    output) starts a new run from those weights (params and EMA) with a fresh optimiser at step 0;
-    the model's architecture and prompt encoder must be the config's.
+    `init_from` (a model directory: a run's `WORKDIR/model` or the work directory holding it, the
+    built-in demo's, an `lsd convert` output) starts a new run from those weights (params and
+    EMA) with a fresh optimiser at step 0; the model's architecture and prompt encoder must be the
+    config's, checked before the step compiles.
     `distill_from` (a model directory, a training work directory, or "demo") is a teacher: every
     batch's input clips are streamed through it (its own streaming step, as `lsd stream` runs it)
     and its outputs are a second regression target of the flow-matching items, weighted by

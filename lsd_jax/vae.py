@@ -59,6 +59,12 @@ class VAEConfig:
     scaling_factor: float = 0.07843137255
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"vae.{f.name}={value!r}, expected a number > 0")
+            if f.type in (int, "int") and not isinstance(value, int):
+                raise ConfigError(f"vae.{f.name}={value!r}, expected an integer > 0")
         for name, size in (("frame_height", self.frame_height), ("frame_width", self.frame_width)):
             if size % self.patch_size:
                 raise ConfigError(f"vae.{name}={size} is not divisible by "

@@ -185,6 +185,9 @@ def _check_header(path: Path, header: dict) -> None:
     for name in ("source", "jax_version"):
         _field(path, header, name, str)
     _field(path, header, "untrained", bool)
+    _field(path, header, "platforms", list,
+           check=lambda v: v and all(isinstance(p, str) for p in v),
+           expected="a non-empty list of platform names")
     if "trained_prompts" in header:
         _field(path, header, "trained_prompts", list,
                check=lambda v: all(isinstance(p, str) for p in v), expected="a list of strings")

@@ -96,9 +96,9 @@ def save_artifact(path: str | Path, cfg: Config, graphdef, params, *, batches=(1
     `codec` says how many of the parameters are the codec's). Returns the path.
     """
     bad = [p for p in platforms if p not in PLATFORMS]
-    if bad or not platforms:
+    if bad or not platforms or len(set(platforms)) < len(platforms):
         raise ArtifactError(f"platforms={','.join(platforms)!r}, expected a comma-separated "
-                            f"subset of {','.join(PLATFORMS)}")
+                            f"subset of {','.join(PLATFORMS)}, each named once")
     chosen = kernels.selected(cfg.model)
     for kind, name in chosen.items():
         runs_on = kernels.entry(kind, name).platforms

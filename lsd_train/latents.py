@@ -29,7 +29,7 @@ from flax import nnx
 
 from lsd_jax.codec import make_codec
 from lsd_jax.config import Config
-from lsd_jax.errors import ConfigError
+from lsd_jax.errors import ConfigError, DataError
 from lsd_jax.prompt import encoder_record
 
 FORMAT, VERSION = "lsd-latents", 1
@@ -107,12 +107,52 @@ class LatentClips:
         if cfg.data.codec_dir:
             codec = make_codec(cfg, cfg.data.codec_dir)
         check_dataset(self.meta, cfg, codec)
-        self._records = grain.sources.ArrayRecordDataSource(
-            [str(directory / name) for name in self.meta["shards"]])
+        self._shards = [directory / name for name in self.meta["shards"]]
+        try:
+            self._records = grain.sources.ArrayRecordDataSource(list(map(str, self._shards)))
+        except Exception as err:  # noqa: BLE001 - array_record reports damage as RuntimeError
+            self._damaged(err, self._find_damaged())
+            raise
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        with np.load(io.BytesIO(self._records[index]), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        try:
+            data = self._records[index]
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except Exception as err:  # noqa: BLE001 - Riegeli's RuntimeError, numpy's ValueError...
+            self._damaged(err, self._shard_of(index), index)
+            raise
+
+    def _find_damaged(self) -> Path | None:
+        """The first shard that cannot be opened on its own, if any."""
+        for shard in self._shards:
+            try:
+                grain.sources.ArrayRecordDataSource([str(shard)])
+            except Exception:  # noqa: BLE001 - as above
+                return shard
+        return None
+
+    def _shard_of(self, index: int) -> Path | None:
+        """The shard holding record `index` (shards hold consecutive records, in order)."""
+        for shard in self._shards:
+            try:
+                count = len(grain.sources.ArrayRecordDataSource([str(shard)]))
+            except Exception:  # noqa: BLE001 - a shard that does not even open
+                return shard
+            if index < count:
+                return shard
+            index -= count
+        return None
+
+    def _damaged(self, err: Exception, shard: Path | None, index: int | None = None) -> None:
+        """Raise the one-line `DataError` naming the damaged shard (and record)."""
+        if shard is None:
+            return
+        what = (str(err).strip().splitlines() or [""])[0][:200] or type(err).__name__
+        record = "" if index is None else f" (record {index})"
+        raise DataError(f"latent shard {str(shard)!r}{record} cannot be read: damaged or "
+                        f"truncated ({what}); encode the dataset again with lsd data encode") \
+            from None

@@ -428,21 +428,21 @@ def resume_config(workdir: Path, cfg: Config, overrides) -> Config:
 RUNTIME_MODEL_KEYS = ("attention_impl", "norm_impl", "remat_policy", "dtype")
 
 
-def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: None) -> dict:
-    """`state` (fresh, step 0) with params and EMA replaced by the weights of the model directory
-    `train.init_from`; its architecture (every `model.*` key but the runtime ones) and prompt
-    encoder must be `cfg`'s, else a `ConfigError` naming the first differing key. One change is
-    allowed: `model.color_map` may grow (none -> affine -> quadratic -> curves); the added
-    features start with zero coefficients, so step 0 computes what the source model computes."""
-    import dataclasses
-
-    from lsd_jax.checkpoint import load_config_from, restore_params
+def check_warm_start(cfg: Config) -> tuple[Path, Config, bool]:
+    """The model directory of `train.init_from` (given it or a training work directory holding
+    it), its stored config, and whether `model.color_map` grows; a `ConfigError` or
+    `CheckpointError` when `cfg` cannot start from it (checked before the step compiles)."""
+    from lsd_jax.checkpoint import load_config_from
     from lsd_jax.config import COLOR_MAP_KINDS, color_map_grows, to_dict
-    from lsd_jax.model import grow_color_map
     from lsd_jax.prompt import check_encoder_record, encoder_record
+    from lsd_jax.resolve import model_directory
 
-    source = Path(cfg.train.init_from)
-    saved = load_config_from(source)
+    given = cfg.train.init_from
+    try:
+        source = model_directory(given)
+        saved = load_config_from(source)
+    except CheckpointError as err:
+        raise CheckpointError(f"train.init_from={given!r}: {err}") from None
     old, new = to_dict(saved.model), to_dict(cfg.model)
     grows = color_map_grows(old.get("color_map"), new["color_map"])
     for key in sorted(old.keys() | new.keys()):
@@ -454,6 +454,23 @@ def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: N
                               "a warm start needs the same architecture (model.color_map may "
                               f"only grow, in the order {COLOR_MAP_KINDS})")
     check_encoder_record(encoder_record(saved), cfg, f"train.init_from={str(source)!r}")
+    return source, saved, grows
+
+
+def warm_start(cfg: Config, sharded: ShardedStep, state: dict, log=lambda msg: None) -> dict:
+    """`state` (fresh, step 0) with params and EMA replaced by the weights of the model directory
+    `train.init_from` (or of the training work directory holding one); its architecture (every
+    `model.*` key but the runtime ones) and prompt encoder must be `cfg`'s, else a `ConfigError`
+    naming the first differing key (`check_warm_start`). One change is allowed: `model.color_map`
+    may grow (none -> affine -> quadratic -> curves); the added features start with zero
+    coefficients, so step 0 computes what the source model computes."""
+    import dataclasses
+
+    from lsd_jax.checkpoint import restore_params
+    from lsd_jax.model import grow_color_map
+
+    source, saved, grows = check_warm_start(cfg)
+    old, new = {"color_map": saved.model.color_map}, {"color_map": cfg.model.color_map}
     stored = dataclasses.replace(cfg.model, color_map=old["color_map"])
     params = nnx.to_pure_dict(restore_params(
         source / "params", nnx.state(abstract_model(stored), nnx.Param), "the config"))
@@ -610,6 +627,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: bool = False, progress: b
                               f"{manager.all_steps()}); pass --resume to continue, or use a new "
                               "work directory")
     teacher = make_teacher(cfg, mesh, log) if cfg.train.distill_from else None
+    if cfg.train.init_from and not (resume and manager.all_steps()):
+        check_warm_start(cfg)  # its errors should not wait for a compile either
     sharded = build_step(cfg, mesh)
     compiled, report = compile_step(cfg, sharded)
     log(f"mesh {dict(mesh.shape)} over {mesh.size} devices; step compiled in "
