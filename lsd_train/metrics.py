@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lsd_jax.atomic import atomic_path, atomic_write_text
 from lsd_jax.codec import make_codec
 from lsd_jax.config import Config
 from lsd_jax.model import abstract_model, model_from_params
@@ -59,7 +60,7 @@ class Metrics:
                 # before saving them; they are about to be logged again.
                 kept = [line for line in jsonl.read_text().splitlines(keepends=True)
                         if line.strip() and json.loads(line)["step"] <= start_step]
-                jsonl.write_text("".join(kept))
+                atomic_write_text(jsonl, "".join(kept))  # a kill here keeps the old lines
             self._jsonl = jsonl.open("a")
 
     def progress(self, start: int, total: int):
@@ -91,8 +92,11 @@ class Metrics:
         ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{self.cfg.name}: train loss")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp)
+        finally:
+            plt.close(fig)
         return path
 
     def sample(self, step: int, ema_params: dict) -> Path | None:
